@@ -21,7 +21,8 @@ def subset_to_pattern(subset: str) -> tuple[bool, bool, bool]:
     letters = set(subset)
     if not letters or not letters <= set(MODALITIES) or len(letters) != len(subset):
         raise ValueError(
-            f"invalid modality subset {subset!r}: use one to three distinct letters of 'l', 'v', 'a'"
+            f"invalid modality subset {subset!r}: "
+            "use one to three distinct letters of 'l', 'v', 'a'"
         )
     return tuple(m in letters for m in MODALITIES)  # type: ignore[return-value]
 

@@ -1,0 +1,268 @@
+"""Bytes from a local path or an `s3://bucket/key` URI, with errors that name the URI.
+
+S3 goes through boto3, so endpoint, credentials and region come from the standard AWS
+environment and config files (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` select an S3-compatible
+server); an explicit `endpoint_url` argument wins over them. Requests are retried by botocore's
+"standard" retry mode; a download that breaks mid-stream resumes from where it stopped, because
+one broken connection should not cost a 4 GB MOSEI transfer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from imder_sweep.data.dataset import DataAccessError, DataError, DataNotFoundError
+
+S3_MAX_ATTEMPTS = 5  # botocore attempts per request, first try included
+_RESUME_ATTEMPTS = 3  # re-opened GETs after a stream broke mid-transfer
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_s3(uri: str) -> bool:
+    """True for an `s3://bucket/key` URI."""
+    return uri.startswith("s3://")
+
+
+def check_supported(uri: str) -> None:
+    """Raise DataError for a URI scheme other than s3:// (local paths have none)."""
+    match = _SCHEME.match(uri)
+    if match and match.group(1) != "s3":
+        raise DataError(
+            f"{uri}: unsupported scheme {match.group(1)!r}; use a local path or s3://bucket/key"
+        )
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI; the key may be empty for a bucket root."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise DataError(f"{uri}: no bucket in S3 URI; use s3://bucket/key")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    """`base/name` for a local directory or an S3 prefix."""
+    if is_s3(base):
+        return f"{base.rstrip('/')}/{name}"
+    return str(Path(base) / name)
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client with standard-mode retries; `endpoint_url` overrides the environment."""
+    # Imported here: boto3 takes ~0.3 s to import and most runs read local files only.
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _s3_error(exc: Exception, uri: str) -> DataError:
+    """Translate a botocore exception into a DataError that names the URI."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        bucket, key = split_s3(uri)
+        if code == "NoSuchBucket":
+            return DataNotFoundError(f"{uri}: bucket {bucket!r} does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return DataNotFoundError(f"{uri}: no object {key!r} in bucket {bucket!r}")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return DataAccessError(f"{uri}: access denied ({code}): check the AWS credentials")
+        return DataAccessError(f"{uri}: S3 error {code}: {error.get('Message', exc)}")
+    return DataAccessError(f"{uri}: cannot read from S3: {exc}")
+
+
+def _local_error(exc: OSError, uri: str) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataNotFoundError(f"{uri}: no such file or directory")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{uri}: is a directory, expected a file")
+    if isinstance(exc, PermissionError):
+        return DataAccessError(f"{uri}: permission denied")
+    return DataAccessError(f"{uri}: cannot read: {exc}")
+
+
+class _S3RawReader(io.RawIOBase):
+    """Readable stream of one S3 object that re-opens with a Range GET if the stream breaks."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        super().__init__()
+        self._client = client
+        self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        response = self._get()
+        self._etag = response["ETag"]
+        self.size = int(response["ContentLength"])
+        self._body = response["Body"]
+        self._pos = 0
+
+    def _get(self, **extra: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=self._key, **extra)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(exc, self._uri) from exc
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        if self._pos >= self.size:
+            return 0
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self.size - self._pos)
+        for attempt in range(_RESUME_ATTEMPTS + 1):
+            try:
+                data = self._body.read(want)
+            except (BotoCoreError, HTTPError, OSError) as exc:
+                if attempt == _RESUME_ATTEMPTS:
+                    raise DataAccessError(f"{self._uri}: download broke off: {exc}") from exc
+                # IfMatch: resuming must not splice bytes of a different version of the object.
+                response = self._get(Range=f"bytes={self._pos}-", IfMatch=self._etag)
+                self._body = response["Body"]
+                continue
+            if not data:
+                raise DataAccessError(
+                    f"{self._uri}: object ended after {self._pos} of {self.size} bytes"
+                )
+            view[: len(data)] = data
+            self._pos += len(data)
+            return len(data)
+        raise AssertionError("unreachable")  # the loop either returns or raises
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+@contextmanager
+def open_binary(uri: str, *, endpoint_url: str | None = None) -> Iterator[IO[bytes]]:
+    """Open a local file or S3 object for buffered binary reading; DataError names the URI."""
+    check_supported(uri)
+    if is_s3(uri):
+        raw = _S3RawReader(s3_client(endpoint_url), uri)
+        with io.BufferedReader(raw, buffer_size=8 << 20) as stream:
+            yield stream
+        return
+    try:
+        stream = Path(uri).open("rb")  # noqa: SIM115 - closed below; open errors are translated
+    except OSError as exc:
+        raise _local_error(exc, uri) from exc
+    with stream:
+        yield stream
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes | bytearray:
+    """Whole content of a local file or S3 object."""
+    check_supported(uri)
+    if not is_s3(uri):
+        try:
+            return Path(uri).read_bytes()
+        except OSError as exc:
+            raise _local_error(exc, uri) from exc
+    with _S3RawReader(s3_client(endpoint_url), uri) as raw:
+        # Preallocate and fill in place: no second copy of a multi-GB object.
+        data = bytearray(raw.size)
+        view = memoryview(data)
+        filled = 0
+        while filled < raw.size:
+            filled += raw.readinto(view[filled:])
+        return data
+
+
+def write_bytes(uri: str, data: bytes | bytearray | memoryview, *, endpoint_url: str | None = None) -> None:
+    """Write a local file (atomically, via a temporary name) or an S3 object (multipart if big)."""
+    check_supported(uri)
+    if is_s3(uri):
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client(endpoint_url).upload_fileobj(io.BytesIO(data), bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(exc, uri) from exc
+        except S3UploadFailedError as exc:
+            raise DataAccessError(f"{uri}: upload failed: {exc}") from exc
+        return
+    path = Path(uri)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        # Readers never see a half-written file under the final name.
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataAccessError(f"{uri}: cannot write: {exc}") from exc
+
+
+def list_files(uri: str, *, endpoint_url: str | None = None) -> list[str]:
+    """Sorted names of the files directly inside a local directory or under an S3 prefix."""
+    check_supported(uri)
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise DataNotFoundError(f"{uri}: no such file or directory")
+        if not path.is_dir():
+            raise DataError(f"{uri}: is a file, expected a directory")
+        try:
+            return sorted(p.name for p in path.iterdir() if p.is_file())
+        except OSError as exc:
+            raise _local_error(exc, uri) from exc
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    prefix = f"{key.rstrip('/')}/" if key.strip("/") else ""
+    names: list[str] = []
+    try:
+        pages = s3_client(endpoint_url).get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(exc, uri) from exc
+    return sorted(n for n in names if n)
+
+
+def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
+    """True if a local path or S3 object exists (a missing bucket raises DataNotFoundError)."""
+    check_supported(uri)
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint_url)
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+            raise _s3_error(exc, uri) from exc
+    except BotoCoreError as exc:
+        raise _s3_error(exc, uri) from exc
+    else:
+        return True
+    # HEAD gives a bare 404 for a missing bucket too; tell the two apart.
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+            raise DataNotFoundError(f"{uri}: bucket {bucket!r} does not exist") from exc
+        raise _s3_error(exc, uri) from exc
+    except BotoCoreError as exc:
+        raise _s3_error(exc, uri) from exc
+    return False

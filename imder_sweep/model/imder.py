@@ -1,0 +1,262 @@
+"""The IMDer model (paper sec 3.2-3.5): encode, recover every missing modality, fuse, predict.
+
+Missing data is per sample: a (B, 3) availability mask (columns l, a, v). For each modality k the
+samples missing k are recovered together in one sampler run, each conditioned on its own
+available modalities (eq. 15: one modality as is, two fused by concat + 1x1 conv), so a batch of
+mixed patterns costs at most three sampler runs, never one per sample. With a Generator, every
+sample's noise is drawn from its own row of a full-batch draw on a per-modality stream, so what a
+sample gets never depends on which other samples share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imder_sweep.losses import sample_time, score_matching_loss
+from imder_sweep.modalities import MODALITIES
+from imder_sweep.model.config import ModelConfig
+from imder_sweep.model.fusion import MulTFusion
+from imder_sweep.model.reconstruction import Reconstruction
+from imder_sweep.model.score_net import ConditionalScoreUNet
+from imder_sweep.samplers import sample
+from imder_sweep.sde import build_sde
+
+# The two modalities that condition the recovery of each one, in the release's concat order.
+CONDITIONS: dict[str, tuple[str, str]] = {"l": ("v", "a"), "a": ("l", "v"), "v": ("l", "a")}
+
+
+@dataclass
+class IMDerOutput:
+    pred: Tensor  # (B,) sentiment regression
+    loss_score: Tensor  # (B,) sum over the sample's missing modalities of eq. 13 (0 if complete)
+    loss_rec: Tensor  # (B,) sum over the sample's missing modalities of the MSE of eq. 17
+    features: dict[str, Tensor]  # modality -> (B, d, L') true encoded features
+    recovered: dict[str, Tensor] = field(default_factory=dict)  # modality -> (n_k, d, L')
+    recovered_rows: dict[str, Tensor] = field(default_factory=dict)  # modality -> (n_k,) rows
+    nfe: int = 0  # score evaluations spent sampling this batch
+
+
+class _RowNoise:
+    """N(0, I) for `rows` of a batch of `batch` examples: each call draws the full batch from
+    `generator` and keeps the rows, so a row's noise does not depend on the other rows."""
+
+    def __init__(self, generator: torch.Generator, batch: int, rows: Tensor) -> None:
+        self.generator, self.batch, self.rows = generator, batch, rows
+
+    def __call__(self, like: Tensor) -> Tensor:
+        full = torch.randn(
+            (self.batch, *like.shape[1:]),
+            device=like.device,
+            dtype=like.dtype,
+            generator=self.generator,
+        )
+        return full.index_select(0, self.rows)
+
+
+def _plain_noise(like: Tensor) -> Tensor:
+    return torch.randn_like(like)
+
+
+class IMDer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, length = cfg.d_model, cfg.feature_len
+        self.sde = build_sde(cfg.sde.kind, sigma=cfg.sde.sigma)
+        self.encoders = nn.ModuleDict(
+            {
+                m: nn.Conv1d(dim, d, kernel_size=cfg.encoder_kernel, padding=0, bias=False)
+                for m, dim in zip(MODALITIES, cfg.dims, strict=True)
+            }
+        )
+        self.pair_convs = nn.ModuleDict(
+            {"".join(CONDITIONS[m]): nn.Conv1d(2 * d, d, 1) for m in MODALITIES}
+        )
+        uses_score = cfg.recovery in ("diffusion+reconstruction", "diffusion")
+        uses_rec = cfg.recovery in ("diffusion+reconstruction", "reconstruction")
+        self.score = (
+            nn.ModuleDict(
+                {
+                    m: ConditionalScoreUNet(cfg.score_net, d, length, self.sde.marginal_std)
+                    for m in MODALITIES
+                }
+            )
+            if uses_score
+            else None
+        )
+        self.rec = (
+            nn.ModuleDict({m: Reconstruction(cfg.reconstruction, d) for m in MODALITIES})
+            if uses_rec
+            else None
+        )
+        self.fusion = MulTFusion(cfg.fusion, d)
+        # Training-set mean of the encoded features, for the "mean" baseline (set by the trainer).
+        self.register_buffer("feature_mean", torch.zeros(len(MODALITIES), d, length))
+
+    def encode(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Shallow features E_k (sec 3.3): modality -> (B, L, D_k) to modality -> (B, d, L')."""
+        out = {}
+        for m in MODALITIES:
+            x = inputs[m].transpose(1, 2)  # (B, D_k, L)
+            if m == "l":
+                x = F.dropout(x, self.cfg.fusion.text_dropout, self.training)
+            out[m] = self.encoders[m](x)
+        return out
+
+    def condition(self, feats: dict[str, Tensor], mask: Tensor, target: str) -> Tensor:
+        """Per-sample condition for recovering `target` (B, d, L'): the one available modality,
+        or the pair fused by concat + 1x1 conv (sec 3.4). Rows where `target` is available get
+        an arbitrary (unused) value."""
+        j1, j2 = CONDITIONS[target]
+        has1 = mask[:, MODALITIES.index(j1), None, None]
+        has2 = mask[:, MODALITIES.index(j2), None, None]
+        pair = self.pair_convs[j1 + j2](torch.cat([feats[j1], feats[j2]], dim=1))
+        return torch.where(has1 & has2, pair, torch.where(has1, feats[j1], feats[j2]))
+
+    def sample_modality(
+        self, target: str, cond: Tensor, noise: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, int]:
+        """Recover x~_k by solving eq. 14 from the prior, conditioned on `cond` (n, d, L').
+
+        The condition is re-noised to the current time at every score evaluation, as released.
+        """
+        if self.score is None:
+            raise RuntimeError(f"recovery mode {self.cfg.recovery!r} has no score network")
+        net, sde, scfg = self.score[target], self.sde, self.cfg.sampler
+        draw = noise or _plain_noise
+
+        def score_fn(x: Tensor, t: Tensor) -> Tensor:
+            std = sde.marginal_std(t)[:, None, None]
+            return net(x, t, cond + std * draw(cond))
+
+        x_T = draw(cond) * sde.prior_std()
+        res = sample(
+            score_fn,
+            sde,
+            x_T,
+            solver=scfg.solver,
+            steps=scfg.steps,
+            eps=scfg.eps,
+            noise=draw,
+            snr=scfg.snr,
+            corrector_steps=scfg.corrector_steps,
+        )
+        return res.x, res.nfe
+
+    def forward(
+        self, inputs: dict[str, Tensor], mask: Tensor, generator: torch.Generator | None = None
+    ) -> IMDerOutput:
+        """inputs: modality -> (B, L, D_k); mask: (B, 3) bool, True = available (l, a, v).
+
+        Returns the prediction, the per-example L_score and L_rec over missing modalities (eqs.
+        17, 18) and the recovered features. The sampler never carries gradients; D_k, the pair
+        convs and the score nets learn through L_rec, the task loss and L_score.
+        """
+        mask = mask.to(torch.bool)
+        feats = self.encode(inputs)
+        B = mask.shape[0]
+        device = mask.device
+        zeros = torch.zeros(B, device=device)
+        out = IMDerOutput(
+            pred=zeros, loss_score=zeros.clone(), loss_rec=zeros.clone(), features=feats
+        )
+        # One host sync per batch: which rows miss which modality.
+        missing_rows = {
+            m: r.to(device) for m, r in zip(MODALITIES, _missing_rows(mask.cpu()), strict=True)
+        }
+        # One seed per modality up front: no stream depends on which modalities are missing.
+        seeds = (
+            torch.randint(
+                0, 2**62, (len(MODALITIES),), generator=generator, device=generator.device
+            ).tolist()
+            if generator is not None
+            else None
+        )
+        fused_inputs = dict(feats)
+        for k, m in enumerate(MODALITIES):
+            rows = missing_rows[m]
+            if rows.numel() == 0:
+                continue
+            filled, loss_score, loss_rec, nfe = self._recover(
+                m, feats, mask, rows, seeds[k] if seeds else None
+            )
+            out.nfe += nfe
+            out.recovered[m], out.recovered_rows[m] = filled, rows
+            fused_inputs[m] = feats[m].index_copy(0, rows, filled.to(feats[m].dtype))
+            out.loss_score = out.loss_score.index_add(0, rows, loss_score)
+            out.loss_rec = out.loss_rec.index_add(0, rows, loss_rec)
+        out.pred, _ = self.fusion(fused_inputs)
+        return out
+
+    def _recover(
+        self, m: str, feats: dict[str, Tensor], mask: Tensor, rows: Tensor, seed: int | None
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Recovered features, per-row L_score and L_rec, and NFE for modality m at `rows`."""
+        mode = self.cfg.recovery
+        n, B = rows.numel(), mask.shape[0]
+        truth = feats[m].index_select(0, rows)  # (n, d, L')
+        zero = truth.new_zeros(n)
+        if mode == "zero":
+            return torch.zeros_like(truth), zero, zero, 0
+        if mode == "mean":
+            return self.feature_mean[MODALITIES.index(m)].expand_as(truth), zero, zero, 0
+        cond = self.condition(feats, mask, m).index_select(0, rows)
+        if mode == "reconstruction":
+            rec = self.rec[m](cond)
+            return rec, zero, _mse(rec, truth), 0
+        gen, draw = None, None
+        if seed is not None:
+            gen = torch.Generator(device=truth.device).manual_seed(seed)
+            draw = _RowNoise(gen, B, rows)
+        draw = draw or _plain_noise
+        loss_score = zero
+        if self.training:
+            t = (
+                sample_time(
+                    B, self.cfg.score_loss.t_eps, device=truth.device, generator=gen
+                ).index_select(0, rows)
+                if gen is not None
+                else sample_time(n, self.cfg.score_loss.t_eps, device=truth.device)
+            )
+            z = draw(truth)
+            z_cond = draw(truth) if self.cfg.score_loss.condition_noise == "independent" else None
+            loss_score = score_matching_loss(
+                self.score[m],
+                self.sde,
+                truth,
+                t,
+                z,
+                cond,
+                condition_noise=self.cfg.score_loss.condition_noise,
+                z_cond=z_cond,
+            )
+        sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw)
+        if mode == "diffusion":
+            return sampled, loss_score, zero, nfe
+        rec = self.rec[m](sampled)
+        return rec, loss_score, _mse(rec, truth), nfe
+
+    def loss(self, out: IMDerOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 20: L_task (L1) + beta (L_score + L_rec), averaged over the batch."""
+        task = (out.pred - labels).abs().mean()
+        score, rec = out.loss_score.mean(), out.loss_rec.mean()
+        total = task + self.cfg.beta * (score + rec)
+        return total, {"task": task.detach(), "score": score.detach(), "rec": rec.detach()}
+
+
+def _mse(pred: Tensor, truth: Tensor) -> Tensor:
+    """Per-example mean squared error over (d, L'), shape (n,)."""
+    return ((pred - truth) ** 2).flatten(1).mean(dim=1)
+
+
+def _missing_rows(mask_cpu: Tensor) -> list[Tensor]:
+    return [(~mask_cpu[:, k]).nonzero().squeeze(1) for k in range(mask_cpu.shape[1])]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
