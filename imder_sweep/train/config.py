@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from imder_sweep.modalities import subset_to_pattern
 from imder_sweep.model.config import PRESETS, ModelConfig, deep_merge
-from imder_sweep.protocols import PROTOCOLS, normalize_mr
+from imder_sweep.protocols import normalize_mr
 
 
 class _Config(BaseModel):

@@ -64,6 +64,27 @@ class SplitData:
         )
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """Stage (b) as one of `world_size` data-parallel processes (e.g. DDP under Ray Train).
+
+    Every rank draws the same shuffled order each epoch and trains on its own equal-sized slice of
+    it, with the masks fixed per sample; validation, early stopping and the best checkpoint run on
+    the full splits on every rank, so all ranks stop at the same epoch and report equally often.
+    `wrap` turns the model into the module whose forward synchronises gradients.
+    """
+
+    rank: int
+    world_size: int
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]
+
+    def shard(self, order: Tensor) -> Tensor:
+        # The same number of batches on every rank: the last len(order) % world_size samples of
+        # this epoch's order are left out (a different few each epoch).
+        usable = len(order) // self.world_size * self.world_size
+        return order[self.rank : usable : self.world_size]
+
+
 @dataclass
 class TrialResult:
     valid: dict[str, float]  # at the best epoch
@@ -105,7 +126,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -116,7 +137,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def prepare_splits(
@@ -203,9 +224,16 @@ def _trainable(model: IMDer) -> list[torch.nn.Parameter]:
 
 
 def train_epoch(
-    model: IMDer, opt: torch.optim.Optimizer, data: SplitData, cfg: TrialConfig, order: Tensor
+    model: IMDer,
+    opt: torch.optim.Optimizer,
+    data: SplitData,
+    cfg: TrialConfig,
+    order: Tensor,
+    forward: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over `data` in `order`; returns mean losses and the sampler NFE spent."""
+    """One pass over `data` in `order`; returns mean losses and the sampler NFE spent.
+
+    `forward` (default `model`) runs the forward pass, e.g. a DDP wrapper of `model`."""
     model.train()
     sums = {"loss": 0.0, "task": 0.0, "score": 0.0, "rec": 0.0}
     nfe, seen = 0, 0
@@ -214,7 +242,7 @@ def train_epoch(
     for start in range(0, len(data), bs):
         idx = order[start : start + bs].to(data.labels.device)
         inputs, labels, masks = data.batch(idx)
-        out = model(inputs, masks)
+        out = (forward or model)(inputs, masks)
         loss, parts = model.loss(out, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,6 +273,7 @@ def fit_stage(
     reporter: Reporter | None,
     state_dir: Path | None,
     resume: dict[str, Any] | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float], int, list[dict[str, float]]]:
     """Train for up to `epochs`; returns the best state dict (on validation), its valid metrics,
     its epoch, and the per-epoch history."""
@@ -269,6 +298,7 @@ def fit_stage(
         best_value, best_epoch = resume["best_value"], resume["best_epoch"]
         since_best, history = resume["since_best"], resume["history"]
         start_epoch = resume["epoch"] + 1
+    forward = parallel.wrap(model) if parallel is not None else None
     train, valid = splits["train"], splits["valid"]
     eval_bs = tc.eval_batch_size or tc.batch_size
     train_mr = realised_mr(train.masks.cpu().numpy())
@@ -276,7 +306,9 @@ def fit_stage(
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         order = torch.randperm(len(train), generator=order_gen)
-        tr = train_epoch(model, opt, train, cfg, order)
+        if parallel is not None:
+            order = parallel.shard(order)
+        tr = train_epoch(model, opt, train, cfg, order, forward)
         va = evaluate(model, valid, eval_bs, cfg.seed, "valid")
         seconds = time.perf_counter() - t0
         sched.step(va["loss"])
@@ -406,11 +438,15 @@ def run_trial(
     resume_state: Path | None = None,
     stages: tuple[str, ...] = ("pretrain", "train"),
     export_recovered: bool = False,
+    evaluate_test: bool = True,
+    parallel: DataParallel | None = None,
 ) -> TrialResult:
     """One trial end to end: (a) pretraining (cached), (b) incomplete training, test once.
 
     `dataset` may be passed in (a sweep shares one copy per node); otherwise it is loaded from
     `cfg.data`. `cache_dir` holds pretraining checkpoints (default: `out_dir/../pretrain-cache`).
+    Search trials pass `evaluate_test=False`: the test split is not even evaluated. `parallel`
+    makes stage (b) one rank of a data-parallel run (see `DataParallel`).
     """
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
@@ -466,13 +502,12 @@ def run_trial(
     )
     state_dir = Path(out_dir) if out_dir else None
     best_state, valid, best_epoch, history = fit_stage(
-        "train", model, splits, cfg, cfg.train.epochs, reporter, state_dir, resume
+        "train", model, splits, cfg, cfg.train.epochs, reporter, state_dir, resume, parallel
     )
     model.load_state_dict(best_state)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    test = evaluate(
-        model, splits["test"], eval_bs, cfg.seed, "test"
-    )  # once, on the best checkpoint
+    # Once, on the best checkpoint.
+    test = evaluate(model, splits["test"], eval_bs, cfg.seed, "test") if evaluate_test else {}
     result = TrialResult(
         valid=valid,
         test=test,

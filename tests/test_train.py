@@ -1,0 +1,128 @@
+"""One trial end to end on CPU: both stages, metrics.json, determinism, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from imder_sweep.data import load_dataset
+from imder_sweep.metrics import METRIC_NAMES
+from imder_sweep.train import ConfigError, resolve_trial_config, run_trial
+from imder_sweep.train.__main__ import main as train_main
+
+TINY: dict = {
+    "seed": 3,
+    "data": {"source": "synthetic:mosi?scale=0.08"},
+    "protocol": {"kind": "random", "mr": 0.3},
+    "preset": "reference_mosi",
+    "model": {
+        "sampler": {"steps": 3},
+        "score_net": {"channels": [8, 16], "heads": 4, "time_embed_dim": 16},
+        "reconstruction": {"blocks": 1, "reduction": 4},
+        "fusion": {"nlevels": 1, "mem_layers": 1, "embed_dropout": 0.0, "attn_dropout_a": 0.0},
+    },
+    "train": {"pretrain_epochs": 4, "epochs": 2, "batch_size": 16, "lr": 3e-3},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("trial")
+    cfg_path = out / "trial.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    assert train_main(["--config", str(cfg_path), "--out", str(out / "run"), "--export-recovered"]) == 0
+    return out, json.loads((out / "run" / "metrics.json").read_text())
+
+
+def test_trial_writes_every_metric_and_beats_a_constant(tiny_run: tuple[Path, dict]) -> None:
+    out, metrics = tiny_run
+    for split in ("valid", "test"):
+        for name in METRIC_NAMES:
+            assert name in metrics[split], (split, name)
+    assert set(metrics["realised_mr"]) == {"train", "valid", "test"}
+    assert all(abs(v - 0.3) < 0.02 for v in metrics["realised_mr"].values())
+    assert metrics["config"]["protocol"]["mr"] == 0.3 and metrics["config"]["seed"] == 3
+    assert (out / "run" / "best.pt").exists()
+    # The constant predictor that knows the training-label mean.
+    ds = load_dataset(TINY["data"]["source"])
+    const = float(np.mean(ds.splits["train"].labels))
+    const_mae = float(np.mean(np.abs(ds.splits["valid"].labels - const)))
+    assert metrics["valid"]["mae"] < const_mae
+    # Selection on validation only: the best epoch is the epoch of the lowest valid loss.
+    losses = [row["valid_loss"] for row in metrics["history"]]
+    assert metrics["best_epoch"] == 1 + int(np.argmin(losses))
+    assert metrics["valid"]["loss"] == pytest.approx(min(losses))
+    assert not any(k.startswith("test") for row in metrics["history"] for k in row)
+    for key in ("epoch_seconds", "samples_per_second", "nfe", "realised_mr_train", "train_score"):
+        assert key in metrics["history"][0]
+
+
+def test_same_seed_same_metrics_and_pretraining_is_reused(tiny_run: tuple[Path, dict]) -> None:
+    out, first = tiny_run
+    cfg = resolve_trial_config(TINY)
+    again = run_trial(cfg, out_dir=out / "rerun", cache_dir=out / "run" / "pretrain-cache")
+    assert again.pretrain["reused"] is True
+    assert again.valid == first["valid"] and again.test == first["test"]
+    fresh = run_trial(cfg, out_dir=out / "fresh")  # its own cache: pretrains again, same numbers
+    assert fresh.pretrain["reused"] is False
+    assert fresh.test == first["test"]
+
+
+def test_zero_fill_trial_runs(tmp_path: Path) -> None:
+    cfg = resolve_trial_config(TINY, overrides={"model": {"recovery": "zero"}, "train": {"epochs": 1}})
+    result = run_trial(cfg, out_dir=tmp_path)
+    assert result.history[0]["train_score"] == 0.0 and "acc2" in result.test
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"protocol": {"mr": 0.8}}, "protocol: missing rate 0.8"),
+        ({"model": {"score_net": {"width": 0.3}}}, "not divisible by score_net.heads"),
+        ({"train": {"epochz": 3}}, "train.epochz"),
+        ({"preset": "reference_iemocap"}, "unknown preset 'reference_iemocap'"),
+        ({"protocol": {"kind": "fixed", "mr": None, "subset": "lx"}}, "invalid modality subset 'lx'"),
+    ],
+)
+def test_config_errors_name_file_key_and_value(tmp_path: Path, patch: dict, needle: str, capsys) -> None:
+    cfg_path = tmp_path / "bad.yaml"
+    from imder_sweep.model.config import deep_merge
+
+    cfg_path.write_text(yaml.safe_dump(deep_merge(TINY, patch)))
+    assert train_main(["--config", str(cfg_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg_path) in err and needle in err
+    assert not (tmp_path / "o").exists()  # stopped before any training
+
+
+def test_cli_refuses_malformed_yaml_bad_set_and_pickle_without_opt_in(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    assert train_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(TINY))
+    assert train_main(["--config", str(good), "--set", "nonsense", "--out", str(tmp_path / "o")]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert train_main(["--config", str(good), "--data", str(tmp_path / "x.pkl"), "--out", str(tmp_path / "o")]) == 2
+    assert "allow" in capsys.readouterr().err.lower()
+    with pytest.raises(ConfigError, match="seed"):
+        resolve_trial_config({**TINY, "seed": "zero"})
+
+
+def test_recovered_features_and_consistency_are_exported(tiny_run: tuple[Path, dict]) -> None:
+    from imder_sweep.consistency import read_recovered_parquet, to_numpy_full
+
+    out, metrics = tiny_run
+    for split in ("valid", "test"):
+        table = read_recovered_parquet(out / "run" / f"recovered_{split}.parquet")
+        assert table.num_rows > 0
+        assert set(table.column("modality").to_pylist()) <= {"l", "a", "v"}
+        full = to_numpy_full(table, "recovered")
+        assert full.shape[1:] == (32, 48) and np.isfinite(full).all()
+        for modality, numbers in metrics["consistency"][split].items():
+            assert modality in "lav" and numbers["n"] > 0 and "frechet" in numbers
