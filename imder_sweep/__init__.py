@@ -1,3 +1,3 @@
-"""imder_sweep: IMDer (NeurIPS 2023) as a configurable model and a Ray-distributed sweep platform."""
+"""imder_sweep: IMDer (NeurIPS 2023) as configurable code and a Ray-distributed sweep platform."""
 
 __version__ = "0.1.0"

@@ -34,7 +34,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("trial")
     cfg_path = out / "trial.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY))
-    assert train_main(["--config", str(cfg_path), "--out", str(out / "run"), "--export-recovered"]) == 0
+    assert (
+        train_main(["--config", str(cfg_path), "--out", str(out / "run"), "--export-recovered"])
+        == 0
+    )
     return out, json.loads((out / "run" / "metrics.json").read_text())
 
 
@@ -73,7 +76,9 @@ def test_same_seed_same_metrics_and_pretraining_is_reused(tiny_run: tuple[Path, 
 
 
 def test_zero_fill_trial_runs(tmp_path: Path) -> None:
-    cfg = resolve_trial_config(TINY, overrides={"model": {"recovery": "zero"}, "train": {"epochs": 1}})
+    cfg = resolve_trial_config(
+        TINY, overrides={"model": {"recovery": "zero"}, "train": {"epochs": 1}}
+    )
     result = run_trial(cfg, out_dir=tmp_path)
     assert result.history[0]["train_score"] == 0.0 and "acc2" in result.test
 
@@ -85,10 +90,15 @@ def test_zero_fill_trial_runs(tmp_path: Path) -> None:
         ({"model": {"score_net": {"width": 0.3}}}, "not divisible by score_net.heads"),
         ({"train": {"epochz": 3}}, "train.epochz"),
         ({"preset": "reference_iemocap"}, "unknown preset 'reference_iemocap'"),
-        ({"protocol": {"kind": "fixed", "mr": None, "subset": "lx"}}, "invalid modality subset 'lx'"),
+        (
+            {"protocol": {"kind": "fixed", "mr": None, "subset": "lx"}},
+            "invalid modality subset 'lx'",
+        ),
     ],
 )
-def test_config_errors_name_file_key_and_value(tmp_path: Path, patch: dict, needle: str, capsys) -> None:
+def test_config_errors_name_file_key_and_value(
+    tmp_path: Path, patch: dict, needle: str, capsys
+) -> None:
     cfg_path = tmp_path / "bad.yaml"
     from imder_sweep.model.config import deep_merge
 
@@ -99,16 +109,25 @@ def test_config_errors_name_file_key_and_value(tmp_path: Path, patch: dict, need
     assert not (tmp_path / "o").exists()  # stopped before any training
 
 
-def test_cli_refuses_malformed_yaml_bad_set_and_pickle_without_opt_in(tmp_path: Path, capsys) -> None:
+def test_cli_refuses_malformed_yaml_bad_set_and_pickle_without_opt_in(
+    tmp_path: Path, capsys
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: [1, 2\n")
     assert train_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "malformed YAML" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(TINY))
-    assert train_main(["--config", str(good), "--set", "nonsense", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        train_main(["--config", str(good), "--set", "nonsense", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "expected key=value" in capsys.readouterr().err
-    assert train_main(["--config", str(good), "--data", str(tmp_path / "x.pkl"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        train_main(
+            ["--config", str(good), "--data", str(tmp_path / "x.pkl"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "allow" in capsys.readouterr().err.lower()
     with pytest.raises(ConfigError, match="seed"):
         resolve_trial_config({**TINY, "seed": "zero"})

@@ -58,7 +58,7 @@ class Split:
     ids: np.ndarray  # (N,) numpy unicode
     raw_text: np.ndarray  # (N,) numpy unicode
     labels: np.ndarray  # (N,) float32 in [-3, 3]
-    l: np.ndarray  # (N, L, D_l) float32, MMSA key "text"
+    l: np.ndarray  # noqa: E741 - (N, L, D_l) float32, MMSA key "text"; l/a/v as in the paper
     a: np.ndarray  # (N, L, D_a) float32, MMSA key "audio"
     v: np.ndarray  # (N, L, D_v) float32, MMSA key "vision"
 
@@ -91,12 +91,12 @@ class MultimodalDataset:
         return {name: len(split) for name, split in self.splits.items()}
 
     def published_match(self) -> str | None:
-        """"mosi" or "mosei" when the checksum is the published one of that MMSA file, else None."""
+        """Name of the published MMSA file (mosi, mosei) with this checksum, else None."""
         return published_name(self.checksum)
 
 
 def published_name(checksum: str) -> str | None:
-    """"mosi" or "mosei" when `checksum` is the published sha256 of that MMSA file, else None."""
+    """Name of the published MMSA file (mosi, mosei) whose sha256 is `checksum`, else None."""
     return next((name for name, digest in PUBLISHED_SHA256.items() if digest == checksum), None)
 
 
@@ -175,7 +175,7 @@ def make_split(
     ids: object,
     raw_text: object,
     labels: object,
-    l: object,
+    l: object,  # noqa: E741 - the modality letters of the paper
     a: object,
     v: object,
     source: str,

@@ -75,7 +75,7 @@ def _load_pickle(uri: str, endpoint_url: str | None) -> tuple[Any, str]:
         io.BufferedReader(_HashingRaw(stream, digest), buffer_size=8 << 20) as reader,
     ):
         try:
-            obj = pickle.load(reader)  # noqa: S301 - the caller opted in (allow_pickle=True)
+            obj = pickle.load(reader)  # the caller opted in with allow_pickle=True
         except DataError:
             raise
         except Exception as exc:

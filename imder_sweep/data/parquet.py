@@ -83,7 +83,9 @@ def write_parquet_dataset(
     """
     meta_uri = storage.join(dst, METADATA_FILE)
     if not overwrite and storage.exists(meta_uri, endpoint_url=endpoint_url):
-        raise DataError(f"{dst}: already holds a dataset ({meta_uri}); pass overwrite to replace it")
+        raise DataError(
+            f"{dst}: already holds a dataset ({meta_uri}); pass overwrite to replace it"
+        )
     for name in SPLITS:
         split = dataset.splits[name]
         table = _split_table(split)
@@ -144,6 +146,17 @@ def read_metadata(src: str, *, endpoint_url: str | None = None) -> dict[str, Any
     missing = [key for key in required if key not in metadata]
     if missing:
         raise DataFormatError(f"{uri}: lacks key(s) {', '.join(missing)}")
+    dims, seq_len, sizes = metadata["dims"], metadata["seq_len"], metadata["splits"]
+    if not (
+        isinstance(dims, list)
+        and len(dims) == len(MODALITIES)
+        and all(isinstance(d, int) and d > 0 for d in [*dims, seq_len])
+        and isinstance(sizes, dict)
+    ):
+        raise DataFormatError(
+            f"{uri}: dims {dims!r}, seq_len {seq_len!r} or splits {sizes!r} malformed; expected "
+            "three positive ints, a positive int and a dict of split sizes"
+        )
     return metadata
 
 
@@ -179,7 +192,9 @@ def _column(table: pa.Table, name: str, uri: str, split: str) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
-def _features(array: pa.Array, *, uri: str, split: str, key: str, shape: tuple[int, int]) -> np.ndarray:
+def _features(
+    array: pa.Array, *, uri: str, split: str, key: str, shape: tuple[int, int]
+) -> np.ndarray:
     seq_len, dim = shape
     outer, inner = array.type, getattr(array.type, "value_type", None)
     if not (
@@ -208,8 +223,7 @@ def read_parquet_dataset(
     """Read a Parquet dataset directory (local path or s3:// prefix) written by
     `write_parquet_dataset`. The result's name and checksum are those of the original source."""
     metadata = read_metadata(src, endpoint_url=endpoint_url)
-    dims = tuple(int(d) for d in metadata["dims"])
-    seq_len = int(metadata["seq_len"])
+    dims, seq_len = tuple(metadata["dims"]), metadata["seq_len"]
     splits: dict[str, Split] = {}
     for name in SPLITS:
         table, uri = _read_table(src, name, endpoint_url)

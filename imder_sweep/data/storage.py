@@ -124,24 +124,25 @@ class _S3RawReader(io.RawIOBase):
             return 0
         view = memoryview(buffer).cast("B")
         want = min(len(view), self.size - self._pos)
-        for attempt in range(_RESUME_ATTEMPTS + 1):
+        failures = 0
+        while True:
             try:
                 data = self._body.read(want)
+                break
             except (BotoCoreError, HTTPError, OSError) as exc:
-                if attempt == _RESUME_ATTEMPTS:
+                failures += 1
+                if failures > _RESUME_ATTEMPTS:
                     raise DataAccessError(f"{self._uri}: download broke off: {exc}") from exc
                 # IfMatch: resuming must not splice bytes of a different version of the object.
                 response = self._get(Range=f"bytes={self._pos}-", IfMatch=self._etag)
                 self._body = response["Body"]
-                continue
-            if not data:
-                raise DataAccessError(
-                    f"{self._uri}: object ended after {self._pos} of {self.size} bytes"
-                )
-            view[: len(data)] = data
-            self._pos += len(data)
-            return len(data)
-        raise AssertionError("unreachable")  # the loop either returns or raises
+        if not data:
+            raise DataAccessError(
+                f"{self._uri}: object ended after {self._pos} of {self.size} bytes"
+            )
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -184,7 +185,9 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes | bytearra
         return data
 
 
-def write_bytes(uri: str, data: bytes | bytearray | memoryview, *, endpoint_url: str | None = None) -> None:
+def write_bytes(
+    uri: str, data: bytes | bytearray | memoryview, *, endpoint_url: str | None = None
+) -> None:
     """Write a local file (atomically, via a temporary name) or an S3 object (multipart if big)."""
     check_supported(uri)
     if is_s3(uri):
