@@ -239,7 +239,7 @@ def train_epoch(
     nfe, seen = 0, 0
     params = _trainable(model)
     bs = cfg.train.batch_size
-    for start in range(0, len(data), bs):
+    for start in range(0, len(order), bs):
         idx = order[start : start + bs].to(data.labels.device)
         inputs, labels, masks = data.batch(idx)
         out = (forward or model)(inputs, masks)

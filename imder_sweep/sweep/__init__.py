@@ -1,0 +1,9 @@
+"""The sweep layer: search-space files, the plan, the Ray Tune + Train driver, the tables.
+
+Only this layer (and tracking) imports Ray; `imder_sweep.train` runs without it.
+"""
+
+from imder_sweep.sweep.plan import Plan, describe, make_plan
+from imder_sweep.sweep.space import Space, Study, load_space, resolve_space_path
+
+__all__ = ["Plan", "Space", "Study", "describe", "load_space", "make_plan", "resolve_space_path"]

@@ -1,0 +1,388 @@
+"""The sweep driver: Ray, stage (a) once, one Tuner per study, final runs, the tables.
+
+For each study (one missing rate, or one fixed-protocol subset) a Tuner runs Optuna (seeded TPE
+or random sampling) with ASHA over stage-(b) epochs; Optuna cannot grid over missing rates, so
+each study is its own Tune run. The best configuration on validation is then retrained over the
+final seeds and tested once per seed. The dataset is loaded once by the driver and put into the
+object store: trials on a node map the same arrays (zero-copy), no trial reads the source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from imder_sweep.data import MultimodalDataset, load_dataset, storage
+from imder_sweep.sweep import tables
+from imder_sweep.sweep.experiment import PLAN
+from imder_sweep.sweep.plan import Plan
+from imder_sweep.sweep.progress import TrialTable, emit, trial_state
+from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
+from imder_sweep.sweep.trial import (
+    DRIVER_RESOURCES,
+    PRETRAIN_FILES,
+    PretrainBlob,
+    TrialContext,
+    final_run,
+    imder_trial,
+    pretrain_blob,
+)
+from imder_sweep.train.config import ConfigError, resolve_trial_config
+from imder_sweep.train.loop import pretrain_key
+
+MIN_OBJECT_STORE = 256 * 2**20
+Out = Callable[[str], None]
+
+
+def optuna_distribution(dist: Any) -> optuna.distributions.BaseDistribution:
+    if isinstance(dist, Choice):
+        return optuna.distributions.CategoricalDistribution(dist.choice)
+    if isinstance(dist, Uniform):
+        lo, hi = dist.uniform
+        return optuna.distributions.FloatDistribution(lo, hi, step=dist.step)
+    if isinstance(dist, LogUniform):
+        return optuna.distributions.FloatDistribution(*dist.loguniform, log=True)
+    if isinstance(dist, IntRange):
+        return optuna.distributions.IntDistribution(*dist.bounds, step=dist.step)
+    raise TypeError(f"no Optuna distribution for {dist!r}")
+
+
+def dataset_bytes(dataset: MultimodalDataset) -> int:
+    return sum(
+        getattr(split, name).nbytes
+        for split in dataset.splits.values()
+        for name in ("l", "a", "v", "labels")
+    )
+
+
+def connect(address: str | None, *, object_store_bytes: int, dashboard: bool) -> str:
+    """Join the cluster at `address` (or RAY_ADDRESS, set inside `ray job submit`), else start
+    an embedded single-node Ray that can never attach to someone else's cluster."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune warns on every forced state snapshot; keeping one checkpoint per trial forces one
+    # per checkpoint, on purpose.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return f"connected to Ray at {address}"
+    # Token auth guards shared clusters; an embedded one is private to this process, and a
+    # token it created in ~/.ray would switch auth on for a later `ray start --head`.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        object_store_memory=object_store_bytes,
+        # The dashboard serves the State API that Train's placement-group cleaner needs after
+        # ASHA stops a multi-worker trial (ray issue 54305); one-worker trials do without.
+        include_dashboard=dashboard,
+    )
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return (
+        f"embedded Ray: {cpus:g} CPUs, object store {object_store_bytes / 2**20:.0f} MiB, "
+        f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}"
+    )
+
+
+def unschedulable(resources: Resources, cluster: dict[str, float]) -> str | None:
+    """Why a trial (all its workers at once) can never start on `cluster`; None if it can."""
+    per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+    for kind, amount in per_worker.items():
+        need, have = resources.workers * amount, cluster.get(kind, 0.0)
+        if need > have:
+            hint = (
+                "; set gpus_per_worker: 0 in the space file for a CPU run" if kind == "GPU" else ""
+            )
+            return (
+                f"a trial needs {resources.workers} worker(s) x {amount:g} {kind} = {need:g} "
+                f"{kind}, Ray has {have:g}{hint}"
+            )
+    return None
+
+
+def pretrain_all(
+    plan: Plan, dataset: MultimodalDataset, dataset_ref: ray.ObjectRef, out: Out
+) -> dict[int, ray.ObjectRef]:
+    """Stage (a) once per seed, as Ray tasks; reused from storage when already there."""
+    t0 = time.perf_counter()
+    exp = plan.experiment_dir
+    r = plan.space.resources
+    study = plan.space.studies()[0]
+    task = ray.remote(pretrain_blob).options(
+        num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, name="imder-pretrain"
+    )
+    refs: dict[int, ray.ObjectRef] = {}
+    launched: dict[int, ray.ObjectRef] = {}
+    for seed in plan.pretrain_seeds:
+        raw = plan.space.trial_raw(study, seed)
+        key = pretrain_key(resolve_trial_config(raw), dataset.checksum)
+        where = storage.join(exp.pretrain_cache, f"pretrain-{key}")
+        if all(storage.exists(storage.join(where, f)) for f in PRETRAIN_FILES):
+            blob = PretrainBlob(
+                key, {f: bytes(storage.read_bytes(storage.join(where, f))) for f in PRETRAIN_FILES}
+            )
+            refs[seed] = ray.put(blob)
+        else:
+            launched[seed] = task.remote(raw, dataset_ref, r.threads)
+    for seed, ref in launched.items():
+        blob = ray.get(ref)
+        where = storage.join(exp.pretrain_cache, f"pretrain-{blob.key}")
+        for name in PRETRAIN_FILES:  # meta.json last: it marks the pair complete
+            storage.write_bytes(storage.join(where, name), blob.files[name])
+        refs[seed] = ref
+    out(
+        f"pretraining (stage a): seeds {plan.pretrain_seeds}, {len(launched)} trained, "
+        f"{len(refs) - len(launched)} reused, {time.perf_counter() - t0:.1f} s"
+    )
+    return refs
+
+
+def _best_of(values: list[float], mode: str) -> float:
+    finite = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not finite:
+        return math.nan
+    return min(finite) if mode == "min" else max(finite)
+
+
+def summarise_search(
+    grid: tune.ResultGrid, keys: list[str], metric: str, mode: str, max_t: int
+) -> dict[str, Any]:
+    """Every trial's best validation value over its epochs, and the chosen trial.
+
+    Only `metric` (a validation metric) is read: search trials never evaluate the test split.
+    """
+    trials = []
+    for result in grid:
+        df = result.metrics_dataframe
+        last = result.metrics or {}
+        history = [] if df is None or metric not in df else [float(v) for v in df[metric]]
+        status = "error" if result.error else trial_state("TERMINATED", last).lower()
+        trials.append(
+            {
+                "trial_id": last.get("trial_id") or Path(result.path).name,
+                "params": {k: result.config[k] for k in keys},
+                "epochs": int(last.get("epoch", 0)),
+                "value": _best_of(history, mode),
+                "history": history,
+                "status": "asha-stopped" if status == "stopped" else status,
+                "error": _last_line(result.error) if result.error else None,
+            }
+        )
+    ranked = [t for t in trials if not math.isnan(t["value"])]
+    best = None
+    if ranked:
+        pick = (min if mode == "min" else max)(ranked, key=lambda t: t["value"])
+        best = {k: pick[k] for k in ("trial_id", "params", "value")}
+    return {"metric": metric, "mode": mode, "max_t": max_t, "trials": trials, "best": best}
+
+
+def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[str, Any]:
+    sp = plan.space
+    s, r = sp.search, sp.resources
+    sampler = (
+        optuna.samplers.TPESampler(seed=s.seed)
+        if s.algorithm == "tpe"
+        else optuna.samplers.RandomSampler(seed=s.seed)
+    )
+    # metric and mode go to the searcher and the scheduler, not to TuneConfig: an OptunaSearch
+    # built with its space refuses them later (and, under max_concurrent_trials' limiter,
+    # would never receive them).
+    searcher = OptunaSearch(
+        space={k: optuna_distribution(d) for k, d in sp.file.space.items()},
+        metric=s.metric,
+        mode=s.direction,
+        sampler=sampler,
+    )
+    scheduler = (
+        ASHAScheduler(
+            metric=s.metric,
+            mode=s.direction,
+            time_attr="epoch",
+            max_t=sp.max_t,
+            grace_period=s.asha.grace_period,
+            reduction_factor=s.asha.reduction_factor,
+        )
+        if s.asha
+        else None
+    )
+    resources = (
+        {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
+        if r.launcher == "function"
+        else DRIVER_RESOURCES
+    )
+    trainable = tune.with_resources(tune.with_parameters(imder_trial, ctx=ctx), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
+            # Without it Tune keeps a single pending trial for a custom searcher.
+            max_concurrent_trials=s.max_concurrent,
+            # A trial process that has imported torch and mapped the dataset serves the next
+            # trial (when the previous one has wound down), saving seconds per trial.
+            reuse_actors=r.launcher == "function",
+            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=study.name,
+            storage_path=plan.experiment_dir.root,
+            verbose=0,
+            callbacks=[
+                TrialTable(
+                    study.name,
+                    study.label,
+                    sp.keys,
+                    s.metric,
+                    s.direction,
+                    sp.max_t,
+                    s.num_samples,
+                    out=out,
+                )
+            ],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
+    summary.update(study=study.name, protocol=study.protocol, seconds=time.perf_counter() - t0)
+    return summary
+
+
+def final_evaluation(
+    plan: Plan, study: Study, ctx: TrialContext, params: dict[str, Any], out: Out
+) -> dict[int, dict[str, Any]]:
+    """Retrain the chosen configuration over the final seeds, at most max_concurrent at once."""
+    r, exp = plan.space.resources, plan.experiment_dir
+    task = ray.remote(final_run)
+    if r.launcher == "function":
+        options: dict[str, Any] = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker}
+    else:  # the task only drives a TorchTrainer, whose workers hold the resources
+        options = {"num_cpus": 0}
+    seeds = list(plan.space.final_seeds)
+    running: dict[ray.ObjectRef, int] = {}
+    results: dict[int, dict[str, Any]] = {}
+    started = {}
+    while seeds or running:
+        while seeds and len(running) < plan.space.search.max_concurrent:
+            seed = seeds.pop(0)
+            keep = exp.final_dir(study.name, seed)
+            named = task.options(name=f"final-{study.name}-seed{seed}", **options)
+            running[named.remote(ctx, params, seed, keep)] = seed
+            started[seed] = time.perf_counter()
+        done, _ = ray.wait(list(running), num_returns=1)
+        seed = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayError as exc:
+            out(f"[{study.name}] final seed {seed} FAILED: {_last_line(exc)}")
+            continue
+        exp.write_final(study.name, seed, result)
+        results[seed] = result
+        t = result["test"]
+        out(
+            f"[{study.name}] final seed {seed}: test acc2 {100 * t['acc2']:.1f} "
+            f"f1 {100 * t['f1']:.1f} acc7 {100 * t['acc7']:.1f} "
+            f"(best epoch {result['best_epoch']}/{result['epochs_run']}, "
+            f"{time.perf_counter() - started[seed]:.0f} s)"
+        )
+    return results
+
+
+def _last_line(exc: BaseException) -> str:
+    """The message of a remote error: its traceback's last line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def study_line(study: Study, summary: dict[str, Any], finals: dict[int, dict[str, Any]]) -> str:
+    """The one-line summary printed when a study is done: search, choice, final results."""
+    trials = summary["trials"]
+    stopped = sum(t["status"] == "asha-stopped" for t in trials)
+    errors = sum(t["status"] == "error" for t in trials)
+    head = (
+        f"study {study.name}: {len(trials)} trials ({stopped} stopped by ASHA, {errors} failed) "
+        f"in {summary['seconds']:.0f} s"
+    )
+    best = summary["best"]
+    if best is None:
+        return f"{head}; no trial reported {summary['metric']}: nothing to evaluate"
+    knobs = tables.params_cell(best["params"], tables.short_names(list(best["params"])))
+    row = tables.Row(
+        study.name,
+        study.kind,
+        study.label,
+        [],
+        seeds=sorted(finals),
+        test={m: [f["test"][m] for f in finals.values()] for m in tables.CELL_METRICS},
+    )
+    cells = ", ".join(f"{m} {tables.cell(row, m)}" for m in tables.CELL_METRICS)
+    return (
+        f"{head}; best {summary['metric']} {best['value']:.4g} ({knobs}); "
+        f"final over {len(finals)} seed(s): {cells if finals else 'none'}"
+    )
+
+
+def run(plan: Plan, address: str | None, out: Out = emit) -> int:
+    """The whole sweep; returns 0 if every study has final results, 1 otherwise."""
+    t_start = time.perf_counter()
+    sp = plan.space
+    exp = plan.experiment_dir
+    dataset = load_dataset(
+        plan.data_source,
+        allow_pickle=plan.allow_pickle,
+        expected_dims=sp.trial_config(sp.studies()[0], {}).model.dims,
+    )
+    out(
+        f"data: {plan.data_source} ({dataset.name}, {dataset.sizes}, "
+        f"{dataset_bytes(dataset) / 2**20:.1f} MiB)"
+    )
+    store = max(MIN_OBJECT_STORE, int(1.3 * dataset_bytes(dataset)) + 64 * 2**20)
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    out(connect(address, object_store_bytes=store, dashboard=sp.resources.launcher == "torch"))
+    try:
+        if problem := unschedulable(sp.resources, ray.cluster_resources()):
+            if embedded:  # nothing will ever join: the trials would wait forever
+                raise ConfigError(f"{sp.path}: {problem}")
+            out(f"warning: {problem}; trials wait until the cluster scales up")
+        exp.write_json(PLAN, plan.to_json())
+        out(f"experiment: {exp.root}")
+        dataset_ref = ray.put(dataset)
+        pretrain = pretrain_all(plan, dataset, dataset_ref, out)
+        ok = True
+        for study in sp.studies():
+            ctx = TrialContext(
+                study=study.name,
+                raw=sp.trial_raw(study),
+                origin=sp.path,
+                dataset=dataset_ref,
+                pretrain=pretrain,
+                cache_dir=None if storage.is_s3(exp.root) else exp.pretrain_cache,
+                experiment_dir=exp.root,
+                resources=sp.resources,
+            )
+            summary = search_study(plan, study, ctx, out)
+            exp.write_search(study.name, summary)
+            finals: dict[int, dict[str, Any]] = {}
+            if summary["best"] is not None:
+                finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out)
+            ok = ok and bool(finals)
+            tables.write(exp)
+            out(study_line(study, summary, finals))
+        out("")
+        out(tables.write(exp))
+        out(f"wrote {exp.path(tables.TABLE_MD)} and {exp.path(tables.TABLE_CSV)}")
+        out(f"sweep wall time {time.perf_counter() - t_start:.0f} s")
+        return 0 if ok else 1
+    finally:
+        ray.shutdown()

@@ -1,0 +1,264 @@
+"""A sweep's plan: the validated space with the command line applied, and how to describe it.
+
+Command-line overrides (`--data`, `--allow-pickle`, `--smoke`) edit the space file's raw content,
+which is then validated again, so a shrunk or redirected sweep is checked like a written one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlparse
+
+from pydantic import ValidationError
+
+from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
+from imder_sweep.model.config import deep_merge
+from imder_sweep.sweep.experiment import ExperimentDir
+from imder_sweep.sweep.space import Space, SpaceFile, validate_space
+from imder_sweep.train.config import ConfigError, format_validation_error, load_yaml
+from imder_sweep.train.loop import pretrain_key
+
+SMOKE = {"epochs": 2, "pretrain_epochs": 1, "num_samples": 2, "seeds": 2, "studies": 2}
+SMOKE_SCALE = 0.05  # synthetic data scale under --smoke
+TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "databricks")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    space: Space
+    experiment: str
+    storage: str  # absolute local directory or s3:// URI
+    tracking_uri: str | None
+    smoke: bool
+
+    @property
+    def experiment_dir(self) -> ExperimentDir:
+        return ExperimentDir(storage.join(self.storage, self.experiment))
+
+    @property
+    def data_source(self) -> str:
+        return self.space.trial_config(self.space.studies()[0], {}).data.source
+
+    @property
+    def allow_pickle(self) -> bool:
+        return self.space.trial_config(self.space.studies()[0], {}).data.allow_pickle
+
+    @property
+    def pretrain_seeds(self) -> list[int]:
+        return sorted({self.space.search_seed, *self.space.final_seeds})
+
+    def to_json(self) -> dict[str, Any]:
+        """What plan.json records: enough to rebuild the tables and to rerun the sweep."""
+        sp = self.space
+        return {
+            "experiment": self.experiment,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "space_file": sp.path,
+            "storage": self.storage,
+            "tracking_uri": self.tracking_uri,
+            "smoke": self.smoke,
+            "data": {"source": self.data_source, "allow_pickle": self.allow_pickle},
+            "studies": [
+                {"name": s.name, "kind": s.kind, "label": s.label, "protocol": s.protocol}
+                for s in sp.studies()
+            ],
+            "space": {k: d.model_dump(by_alias=True) for k, d in sp.file.space.items()},
+            "fixed": sp.file.fixed,
+            "search": sp.search.model_dump(),
+            "mode": sp.search.direction,
+            "max_t": sp.max_t,
+            "resources": {**sp.resources.model_dump(), "launcher": sp.resources.launcher},
+            "final_seeds": sp.final_seeds,
+            "search_seed": sp.search_seed,
+        }
+
+
+def _shrink_source(source: str) -> str:
+    if source_kind(source) != "synthetic":
+        return source
+    base, _, query = source.partition("?")
+    params = dict(parse_qsl(query))
+    params["scale"] = f"{min(float(params.get('scale', 1.0)), SMOKE_SCALE):g}"
+    return f"{base}?{urlencode(params)}"
+
+
+def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
+    """The same sweep, small: fewer studies, trials, epochs, seeds; less synthetic data."""
+    first = space.trial_config(space.studies()[0], {})
+    studies = space.studies()
+    keep = {studies[0].name, studies[-1].name} if len(studies) > 1 else {studies[0].name}
+    search = raw.get("search") or {}
+    asha = search.get("asha", {})
+    return deep_merge(
+        raw,
+        {
+            "fixed": {
+                "data": {"source": _shrink_source(first.data.source)},
+                "train": {
+                    "epochs": min(first.train.epochs, SMOKE["epochs"]),
+                    "pretrain_epochs": min(first.train.pretrain_epochs, SMOKE["pretrain_epochs"]),
+                },
+            },
+            "studies": {
+                "mr": [mr for mr in space.file.studies.mr if f"mr{mr:g}" in keep],
+                "subsets": [s for s in space.file.studies.subsets if f"fixed-{s}" in keep],
+            },
+            "search": {
+                "num_samples": min(space.search.num_samples, SMOKE["num_samples"]),
+                "max_concurrent": min(space.search.max_concurrent, SMOKE["num_samples"]),
+                "asha": None if asha is None else {"grace_period": 1, "max_t": None},
+            },
+            "final": {"seeds": space.final_seeds[: SMOKE["seeds"]]},
+        },
+    )
+
+
+def _validated(raw: dict[str, Any], origin: str) -> Space:
+    try:
+        file = SpaceFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+    validate_space(file, origin)
+    return Space(origin, file)
+
+
+def check_tracking_uri(uri: str) -> str:
+    scheme = urlparse(uri).scheme
+    # A Windows drive letter parses as a one-letter scheme.
+    if len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"--tracking-uri {uri!r}: unsupported scheme {scheme!r}; use a path, file:, "
+            "sqlite:///..., http(s)://host:port or another MLflow backend store URI"
+        )
+    return uri
+
+
+def check_storage(path: str) -> str:
+    if storage.is_s3(path):
+        storage.split_s3(path)
+        return path.rstrip("/")
+    try:
+        storage.check_supported(path)
+    except DataError as exc:
+        raise ConfigError(f"--storage-path: {exc}") from None
+    return str(Path(path).expanduser().resolve())
+
+
+def make_plan(
+    space_path: Path,
+    *,
+    data: str | None = None,
+    allow_pickle: bool = False,
+    smoke: bool = False,
+    storage_path: str = "./results",
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> Plan:
+    """Read the space file, apply the command line, validate everything; ConfigError if not."""
+    origin = str(space_path)
+    raw = load_yaml(space_path)
+    space = _validated(raw, origin)
+    overrides: dict[str, Any] = {}
+    if data is not None:
+        overrides["data"] = {"source": data}
+    if allow_pickle:
+        overrides.setdefault("data", {})["allow_pickle"] = True
+    if overrides:
+        raw = deep_merge(raw, {"fixed": overrides})
+        space = _validated(raw, f"{origin} (with --data/--allow-pickle)")
+    if smoke:
+        space = _validated(_smoke(raw, space), f"{origin} (shrunk by --smoke)")
+    name = (
+        experiment_name or f"{space.file.name or space_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"--experiment-name {name!r}: use letters, digits, '.', '_' and '-' (a directory name)"
+        )
+    return Plan(
+        space=space,
+        experiment=name,
+        storage=check_storage(storage_path),
+        tracking_uri=check_tracking_uri(tracking_uri) if tracking_uri else None,
+        smoke=smoke,
+    )
+
+
+def data_status(source: str) -> str:
+    """Whether the data is there, in words; never raises (a dry run reports, it does not fail)."""
+    kind = source_kind(source)
+    if kind == "synthetic":
+        return "generated on the fly (synthetic)"
+    target = source if kind == "mmsa-pickle" else storage.join(source, METADATA_FILE)
+    try:
+        found = storage.exists(target)
+    except DataError as exc:
+        return f"cannot check: {exc}"
+    if found:
+        return f"found ({kind})"
+    return f"NOT FOUND: {target} does not exist yet ({kind}); the sweep needs it, use --data"
+
+
+def describe(plan: Plan) -> str:
+    """The plan in words: studies, trials, resources, data."""
+    sp = plan.space
+    s, r = sp.search, sp.resources
+    studies = sp.studies()
+    cfg = sp.trial_config(studies[0], {})
+    asha = (
+        f"ASHA grace {s.asha.grace_period}, reduction {s.asha.reduction_factor:g}, "
+        f"max_t {sp.max_t} epochs"
+        if s.asha
+        else "no early stopping by the scheduler"
+    )
+    gpus = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
+    launcher = (
+        "loop inside the Tune trial (function trainable)"
+        if r.launcher == "function"
+        else f"Ray Train TorchTrainer, DDP over {r.workers} worker(s)"
+    )
+    width = max(len(k) for k in sp.keys)
+    n_final = len(studies) * len(sp.final_seeds)
+    changing = pretrain_changing_keys(sp)
+    shared = (
+        "shared by every trial and final run of a seed"
+        if not changing
+        else f"per seed; {', '.join(changing)} change(s) it, so such trials pretrain their own "
+        "(cached by key)"
+    )
+    lines = [
+        f"experiment   {plan.experiment}{'  (--smoke)' if plan.smoke else ''}",
+        f"space file   {sp.path}",
+        f"storage      {plan.experiment_dir.root}",
+        f"tracking     {plan.tracking_uri or '(none)'}",
+        f"data         {cfg.data.source}: {data_status(cfg.data.source)}",
+        f"model        preset {cfg.preset}, recovery {cfg.model.recovery}, "
+        f"{cfg.train.epochs} epochs (stage b), {cfg.train.pretrain_epochs} pretraining epochs",
+        f"studies      {len(studies)}: {' '.join(st.name for st in studies)}",
+        f"search       {s.algorithm} (seed {s.seed}), {s.num_samples} trials per study, "
+        f"{s.max_concurrent} at a time, {asha}; chosen on {s.metric} ({s.direction})",
+        "space",
+        *(f"  {k:<{width}}  {d.describe()}" for k, d in sp.file.space.items()),
+        f"resources    per trial {r.workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}); "
+        f"{launcher}",
+        f"pretraining  stage (a) for seeds {plan.pretrain_seeds}, {shared}",
+        f"final        best config per study retrained and tested over seeds {sp.final_seeds}",
+        f"total        {len(studies) * s.num_samples} search trials + {n_final} final runs",
+    ]
+    return "\n".join(lines)
+
+
+def pretrain_changing_keys(space: Space) -> list[str]:
+    """Searched keys whose values change what stage (a) depends on (its cache key)."""
+    study = space.studies()[0]
+    base = pretrain_key(space.trial_config(study, {}), "")
+    return [
+        key
+        for key, dist in space.file.space.items()
+        if any(pretrain_key(space.trial_config(study, {key: v}), "") != base for v in dist.probes())
+    ]

@@ -1,0 +1,611 @@
+"""Search-space files: what a sweep fixes, which studies it runs, what it searches and how.
+
+A space file is YAML with these sections, all validated here, before Ray starts::
+
+    name: demo                        # optional default experiment name
+    fixed:                            # a partial trial config (imder_sweep.train.config)
+      data: {source: "synthetic:mosi?scale=0.1"}
+      protocol: {kind: random}        # studies set protocol.mr / protocol.subset
+      preset: reference_mosi
+      model: {...}
+      train: {epochs: 3}
+      seed: 0                         # the search seed; final runs use final.seeds
+    studies:                          # one Tune run (one Optuna study) each
+      mr: [0.0, 0.3, 0.7]             # random (or reference-schedule) protocol; 0.7 means 2/3
+      subsets: [l, lv, lva]           # fixed protocol (paper Table 1)
+    space:                            # dotted config key -> distribution
+      model.beta: {loguniform: [0.01, 1.0]}
+      model.sde.sigma: {uniform: [5, 50], step: 5}
+      model.sampler.steps: {int: [5, 50], step: 5}
+      model.score_net.width: {choice: [0.5, 1.0]}
+    search: {algorithm: tpe, seed: 0, num_samples: 24, max_concurrent: 2,
+             asha: {grace_period: 3, reduction_factor: 2}, metric: valid_loss, mode: min}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}
+    final: {seeds: 5}
+
+Every point a distribution can produce is probed (choices, ints and both ends plus interior
+points of float ranges) by building the trial config it would give, so a value that cannot be
+built (a UNet width whose channels the attention heads do not divide, say) fails here with the
+file, key and value, not in the middle of a sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from imder_sweep.metrics import METRIC_NAMES
+from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
+from imder_sweep.model.config import deep_merge
+from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
+from imder_sweep.train.config import (
+    ConfigError,
+    TrialConfig,
+    format_validation_error,
+    load_yaml,
+    resolve_trial_config,
+    set_dotted,
+)
+
+# Keys a space may not search: the studies, the data and the search itself decide them.
+RESERVED_KEYS: dict[str, str] = {
+    "seed": "seeds are fixed: fixed.seed for the search, final.seeds for the final runs",
+    "protocol": "the protocol is set per study (studies.mr / studies.subsets)",
+    "data": "the data source is fixed (fixed.data.source or --data)",
+    "preset": "set the preset in fixed.preset",
+    "train.select_metric": "search.metric decides it",
+    "train.select_mode": "search.mode decides it",
+    "train.device": "resources decide the device",
+}
+# Validation metrics a search may select on: the loop's valid loss (L1) and every metric.
+SELECTABLE_METRICS: tuple[str, ...] = ("loss", *METRIC_NAMES)
+_MINIMISED = ("loss", "mae")
+MAX_PROBE_COMBINATIONS = 1024
+FLOAT_PROBES = 5  # points probed in a float range, both ends included
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+class Choice(_Strict):
+    """One of a list of values (any YAML scalars)."""
+
+    choice: list[Any] = Field(min_length=1)
+
+    @field_validator("choice")
+    @classmethod
+    def _scalars(cls, values: list[Any]) -> list[Any]:
+        for v in values:
+            if not _is_scalar(v):
+                raise ValueError(f"choices must be numbers, strings or booleans, got {v!r}")
+        if len({(type(v), v) for v in values}) != len(values):
+            raise ValueError(f"choices must be distinct, got {values}")
+        return values
+
+    def probes(self) -> list[Any]:
+        return list(self.choice)
+
+    def describe(self) -> str:
+        return f"choice {self.choice}"
+
+
+class Uniform(_Strict):
+    """A float drawn uniformly from [lo, hi], on a grid of `step` if given."""
+
+    uniform: tuple[float, float]
+    step: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Uniform:
+        lo, hi = self.uniform
+        if not lo < hi:
+            raise ValueError(f"uniform needs lo < hi, got [{lo}, {hi}]")
+        if self.step is not None:
+            n = (hi - lo) / self.step
+            if not math.isclose(n, round(n), abs_tol=1e-9):
+                raise ValueError(f"uniform [{lo}, {hi}]: step {self.step} does not divide hi - lo")
+        return self
+
+    def probes(self) -> list[float]:
+        lo, hi = self.uniform
+        if self.step is not None:
+            n = round((hi - lo) / self.step)
+            ks = sorted({round(i * n / (FLOAT_PROBES - 1)) for i in range(FLOAT_PROBES)})
+            return [lo + k * self.step for k in ks]
+        return [lo + (hi - lo) * i / (FLOAT_PROBES - 1) for i in range(FLOAT_PROBES)]
+
+    def describe(self) -> str:
+        step = f" step {self.step:g}" if self.step is not None else ""
+        return f"uniform [{self.uniform[0]:g}, {self.uniform[1]:g}]{step}"
+
+
+class LogUniform(_Strict):
+    """A float whose log is uniform on [log lo, log hi]."""
+
+    loguniform: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogUniform:
+        lo, hi = self.loguniform
+        if not 0.0 < lo < hi:
+            raise ValueError(f"loguniform needs 0 < lo < hi, got [{lo}, {hi}]")
+        return self
+
+    def probes(self) -> list[float]:
+        lo, hi = self.loguniform
+        n = FLOAT_PROBES - 1
+        return [lo * (hi / lo) ** (i / n) for i in range(FLOAT_PROBES)]
+
+    def describe(self) -> str:
+        return f"loguniform [{self.loguniform[0]:g}, {self.loguniform[1]:g}]"
+
+
+class IntRange(_Strict):
+    """An integer in [lo, hi] (both included) on a grid of `step`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    bounds: tuple[int, int] = Field(alias="int")
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        lo, hi = self.bounds
+        if not lo < hi:
+            raise ValueError(f"int needs lo < hi, got [{lo}, {hi}]")
+        if (hi - lo) % self.step:
+            raise ValueError(f"int [{lo}, {hi}]: step {self.step} does not divide hi - lo")
+        return self
+
+    def values(self) -> range:
+        return range(self.bounds[0], self.bounds[1] + 1, self.step)
+
+    def probes(self) -> list[int]:
+        values = self.values()
+        if len(values) <= 16:
+            return list(values)
+        return sorted({values[round(i * (len(values) - 1) / 4)] for i in range(5)})
+
+    def describe(self) -> str:
+        step = f" step {self.step}" if self.step != 1 else ""
+        return f"int [{self.bounds[0]}, {self.bounds[1]}]{step}"
+
+
+DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
+
+
+def _distribution_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [k for k in DISTRIBUTION_KINDS if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return {Choice: "choice", Uniform: "uniform", LogUniform: "loguniform", IntRange: "int"}.get(
+        type(value)
+    )
+
+
+Distribution = Annotated[
+    Annotated[Choice, Tag("choice")]
+    | Annotated[Uniform, Tag("uniform")]
+    | Annotated[LogUniform, Tag("loguniform")]
+    | Annotated[IntRange, Tag("int")],
+    Discriminator(
+        _distribution_kind,
+        custom_error_type="distribution",
+        custom_error_message=(
+            "expected a mapping with exactly one of choice: [...], uniform: [lo, hi], "
+            "loguniform: [lo, hi] or int: [lo, hi] (uniform and int take an optional step)"
+        ),
+    ),
+]
+
+
+def _paper_mr(mr: float) -> float:
+    if not (0.0 <= mr <= MAX_MR or math.isclose(mr, PAPER_MAX_MR)):
+        raise ValueError(
+            f"missing rate {mr} is outside [0, 2/3]; the paper's MR = 1 - sum_i m_i / (3N) is "
+            f"at most 2/3, written {PAPER_MAX_MR}"
+        )
+    return mr
+
+
+def _subset(subset: str) -> str:
+    return pattern_to_subset(subset_to_pattern(subset))  # canonical spelling: "vl" -> "lv"
+
+
+class Studies(_Strict):
+    """One study per missing rate and/or per fixed-protocol subset."""
+
+    mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
+    subsets: list[Annotated[str, AfterValidator(_subset)]] = Field(default_factory=list)
+
+    @field_validator("mr", "subsets")
+    @classmethod
+    def _distinct(cls, values: list[Any]) -> list[Any]:
+        if len(set(values)) != len(values):
+            raise ValueError("studies must be distinct")
+        return values
+
+    @model_validator(mode="after")
+    def _some(self) -> Studies:
+        if not self.mr and not self.subsets:
+            raise ValueError("no studies: give studies.mr and/or studies.subsets")
+        return self
+
+
+class Asha(_Strict):
+    """ASHA early stopping over stage-(b) epochs."""
+
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1)  # default: train.epochs
+
+
+class Search(_Strict):
+    algorithm: Literal["tpe", "random"] = "tpe"
+    seed: int = Field(0, ge=0)
+    num_samples: int = Field(8, ge=1)
+    # Tune keeps a single pending trial for a custom searcher unless this is set.
+    max_concurrent: int = Field(1, ge=1)
+    asha: Asha | None = Asha()
+    metric: str = "valid_loss"
+    mode: Literal["min", "max"] | None = None  # default: min for loss and mae, else max
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_only(cls, metric: str) -> str:
+        split, _, name = metric.partition("_")
+        if split == "test":
+            raise ValueError(
+                f"{metric!r} is a test metric; configurations are chosen on validation only "
+                f"(use valid_{name})"
+            )
+        if split != "valid" or name not in SELECTABLE_METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r}; use valid_ + one of {', '.join(SELECTABLE_METRICS)}"
+            )
+        return metric
+
+    @property
+    def selected(self) -> str:
+        """The metric name without its split prefix (the loop's select_metric)."""
+        return self.metric.removeprefix("valid_")
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        if self.mode is not None:
+            return self.mode
+        return "min" if self.selected in _MINIMISED else "max"
+
+
+class Resources(_Strict):
+    """Per trial: `workers` Ray Train workers, each with these CPUs and (fractional) GPUs.
+
+    `trainer`: `function` runs the loop inside the Tune trial (one worker, ~3-5 s overhead),
+    `torch` runs it under a Ray Train TorchTrainer (DDP across workers, ~25-30 s overhead),
+    `auto` picks `function` for one worker and `torch` otherwise.
+    """
+
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    trainer: Literal["auto", "function", "torch"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Resources:
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker}: above 1 GPU it must be a whole number"
+            )
+        if self.trainer == "function" and self.workers > 1:
+            raise ValueError(
+                f"trainer 'function' runs one process; workers={self.workers} needs 'torch'"
+            )
+        return self
+
+    @property
+    def launcher(self) -> Literal["function", "torch"]:
+        if self.trainer == "auto":
+            return "function" if self.workers == 1 else "torch"
+        return self.trainer
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+
+class Final(_Strict):
+    """The final evaluation: the best configuration retrained over these seeds, tested once."""
+
+    seeds: list[int] = Field(default_factory=lambda: list(range(5)))
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _count_or_list(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError(f"need at least one seed, got {value}")
+            return list(range(value))
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+        return seeds
+
+
+class SpaceFile(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    studies: Studies
+    space: dict[str, Distribution] = Field(min_length=1)
+    search: Search = Search()
+    resources: Resources = Resources()
+    final: Final = Final()
+
+
+@dataclass(frozen=True)
+class Study:
+    """One Tune run: a protocol (MR or subset) and its name (`mr0.3`, `fixed-lv`)."""
+
+    name: str
+    protocol: dict[str, Any]
+
+    @property
+    def kind(self) -> Literal["mr", "subset"]:
+        return "subset" if self.protocol["kind"] == "fixed" else "mr"
+
+    @property
+    def label(self) -> str:
+        """The row label of the paper's tables: the MR (`0.3`) or the subset (`lv`)."""
+        if self.kind == "subset":
+            return self.protocol["subset"]
+        mr = self.protocol["mr"]
+        return f"{mr:.1f}" if math.isclose(mr, round(mr, 1)) else f"{mr:g}"
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated space file."""
+
+    path: str
+    file: SpaceFile
+
+    @property
+    def search(self) -> Search:
+        return self.file.search
+
+    @property
+    def resources(self) -> Resources:
+        return self.file.resources
+
+    @property
+    def final_seeds(self) -> list[int]:
+        return self.file.final.seeds
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.file.space)
+
+    def studies(self) -> list[Study]:
+        kind = self.file.fixed.get("protocol", {}).get("kind", "random")
+        out = [
+            Study(f"mr{mr:g}", {"kind": kind, "mr": mr, "subset": None})
+            for mr in self.file.studies.mr
+        ]
+        # Paper Table 1 row order, whatever order the file lists them in.
+        subsets = sorted(self.file.studies.subsets, key=SUBSETS.index)
+        out += [Study(f"fixed-{s}", {"kind": "fixed", "mr": None, "subset": s}) for s in subsets]
+        return out
+
+    def trial_raw(self, study: Study, seed: int | None = None) -> dict[str, Any]:
+        """The raw trial config of a study (before the searched values are merged in)."""
+        search = self.file.search
+        extra: dict[str, Any] = {
+            "protocol": study.protocol,
+            "train": {"select_metric": search.selected, "select_mode": search.direction},
+        }
+        if seed is not None:
+            extra["seed"] = seed
+        return deep_merge(self.file.fixed, extra)
+
+    def trial_config(
+        self, study: Study, params: dict[str, Any], seed: int | None = None, origin: str = ""
+    ) -> TrialConfig:
+        """The validated trial config of `study` at the searched values `params`."""
+        return resolve_trial_config(
+            self.trial_raw(study, seed), origin=origin or self.path, overrides=nest(params)
+        )
+
+    @property
+    def search_seed(self) -> int:
+        return int(self.file.fixed.get("seed", 0))
+
+    @property
+    def epochs(self) -> int:
+        return self.trial_config(self.studies()[0], {}).train.epochs
+
+    @property
+    def max_t(self) -> int:
+        asha = self.file.search.asha
+        return asha.max_t if asha is not None and asha.max_t is not None else self.epochs
+
+
+def nest(params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> nested dict (`{"model.beta": 0.1}` -> `{"model": {"beta": 0.1}}`)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def check_key(key: str) -> str | None:
+    """Why `key` cannot be searched (None if it can): reserved, or not a trial config field."""
+    for reserved, why in RESERVED_KEYS.items():
+        if key == reserved or key.startswith(reserved + "."):
+            return f"cannot be searched: {why}"
+    node: type[BaseModel] = TrialConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = node.model_fields
+        where = ".".join(parts[:i]) or "the trial config"
+        if part not in fields:
+            return f"unknown config key; {where} has {', '.join(_field_names(node))}"
+        sub = _sub_model(fields[part].annotation)
+        if i < len(parts) - 1:
+            if sub is None:
+                return f"{'.'.join(parts[: i + 1])} is a value, not a section"
+            node = sub
+        elif sub is not None:
+            return f"is a section; search one of its keys: {', '.join(_field_names(sub))}"
+    return None
+
+
+def _probe_points(dists: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every key's probes alone (others at their fixed values), then combinations: the full
+    product when small, else all-low and all-high corners."""
+    probes = {k: d.probes() for k, d in dists.items()}
+    for key, values in probes.items():
+        for v in values:
+            yield {key: v}
+    if len(probes) < 2:
+        return
+    if math.prod(len(v) for v in probes.values()) <= MAX_PROBE_COMBINATIONS:
+        for combo in itertools.product(*probes.values()):
+            yield dict(zip(probes, combo, strict=True))
+    else:
+        yield {k: v[0] for k, v in probes.items()}
+        yield {k: v[-1] for k, v in probes.items()}
+
+
+def _shown(params: dict[str, Any]) -> str:
+    return ", ".join(f"space.{k}={v!r}" for k, v in params.items())
+
+
+def validate_space(file: SpaceFile, origin: str) -> None:
+    """Everything a model validator cannot see: reserved and unknown keys, the fixed section,
+    and every probed point of the space as a buildable trial config."""
+    problems = []
+    for key in file.space:
+        why = check_key(key)
+        if why is not None:
+            problems.append(f"{origin}: space.{key}: {why}")
+    fixed_protocol = file.fixed.get("protocol", {})
+    if not isinstance(fixed_protocol, dict):
+        problems.append(f"{origin}: fixed.protocol: expected a mapping (got {fixed_protocol!r})")
+        fixed_protocol = {}
+    for key in ("mr", "subset"):
+        if key in fixed_protocol:
+            problems.append(
+                f"{origin}: fixed.protocol.{key}: set by the studies, not fixed "
+                f"(got {fixed_protocol[key]!r}); list it under studies"
+            )
+    kind = fixed_protocol.get("kind", "random")
+    if file.studies.mr and kind == "fixed":
+        problems.append(
+            f"{origin}: fixed.protocol.kind: studies.mr needs the random or reference-schedule "
+            f"protocol (got {kind!r}); fixed-protocol studies go under studies.subsets"
+        )
+    train = file.fixed.get("train", {})
+    search = file.search
+    for key, want in (("select_metric", search.selected), ("select_mode", search.direction)):
+        if isinstance(train, dict) and key in train and train[key] != want:
+            problems.append(
+                f"{origin}: fixed.train.{key}: {train[key]!r} disagrees with search.metric "
+                f"{search.metric!r} ({search.direction}); leave it out, the search sets it"
+            )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    space = Space(origin, file)
+    studies = space.studies()
+    # The fixed part alone, for every study: errors name the fixed section.
+    for study in studies:
+        space.trial_config(study, {}, origin=f"{origin}: fixed (study {study.name})")
+    if file.search.asha is not None and file.search.asha.grace_period > space.max_t:
+        raise ConfigError(
+            f"{origin}: search.asha.grace_period: {file.search.asha.grace_period} is beyond "
+            f"max_t={space.max_t} (train.epochs or search.asha.max_t)"
+        )
+    for point in _probe_points(dict(file.space)):
+        try:
+            space.trial_config(studies[0], point, origin=f"{origin}: {_shown(point)}")
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}\n{origin}: every value a distribution can produce must give a buildable "
+                "trial config (use choice: [...] to list the valid ones)"
+            ) from None
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; ConfigError lines name the file, key and value."""
+    origin = str(path)
+    raw = load_yaml(Path(path))
+    try:
+        file = SpaceFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+    validate_space(file, origin)
+    return Space(origin, file)
+
+
+def packaged_spaces() -> Path:
+    """The space files shipped inside the installed package (`imder_sweep/search_spaces`).
+
+    Found next to this module rather than through importlib.resources, which fails when an
+    editable install has registered the package as a namespace (no resource reader)."""
+    return Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def resolve_space_path(given: str | Path, cwd: Path | None = None) -> Path:
+    """`given` as is if it exists (relative to `cwd`), else the shipped file of that name: a job
+    submitted without --working-dir still finds `search_spaces/demo.yaml` in the package."""
+    path = Path(given)
+    local = path if path.is_absolute() else (cwd or Path.cwd()) / path
+    if local.exists():
+        return local
+    shipped = packaged_spaces() / path.name
+    if not path.is_absolute() and shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.name for p in _shipped_files()))
+    raise ConfigError(
+        f"{given}: no such space file (not relative to {cwd or Path.cwd()}, and not one of the "
+        f"shipped spaces: {known})"
+    )
+
+
+def _shipped_files() -> Iterable[Path]:
+    root = packaged_spaces()
+    return sorted(root.glob("*.yaml")) if root.is_dir() else []

@@ -1,0 +1,311 @@
+"""What runs inside Ray: pretraining, the per-trial function, the Train worker loop, final runs.
+
+A sweep is three nested layers, as Ray's Train + Tune docs cut it: the per-worker loop
+(`train_loop_per_worker`: `run_trial` with a reporter that calls `ray.train.report`, DDP across
+workers), the per-trial driver (`imder_trial`, a Tune function trainable) and the Tuner
+(`driver.py`). With one worker per trial (IMDer's common case) the per-trial driver runs the loop
+in its own process and reports with `ray.tune.report`: a TorchTrainer costs ~25-30 s of controller
+and worker start-up per trial against ~3-5 s for the plain function. `resources.trainer` picks.
+
+Constants reach trials through `tune.with_parameters` (a `TrialContext`), never through the
+param space, so trial configs and directory names hold only the searched values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from imder_sweep.data import MultimodalDataset, storage
+from imder_sweep.sweep.space import Resources, nest
+from imder_sweep.train.config import TrialConfig, resolve_trial_config
+from imder_sweep.train.loop import (
+    DataParallel,
+    TrialResult,
+    atomic_write_bytes,
+    pretrain_key,
+    run_pretrain,
+    run_trial,
+)
+
+STATE_FILE = "state.pt"  # inside a reported checkpoint directory (the loop's `train-state`)
+PRETRAIN_FILES = ("model.pt", "meta.json")
+# A TorchTrainer-driving trial needs no CPU of its own, but a request of nothing at all is
+# refused ("Cannot initialize a ResourceRequest with an empty head and zero worker bundles").
+DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
+
+
+@dataclass(frozen=True)
+class PretrainBlob:
+    """A stage-(a) checkpoint as bytes, so it travels through the object store to every node."""
+
+    key: str
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one study shares; reaches trials via `tune.with_parameters`."""
+
+    study: str
+    raw: dict[str, Any]  # the study's raw trial config, searched values not merged in
+    origin: str  # the space file, for error messages
+    dataset: ray.ObjectRef  # the MultimodalDataset, put into the object store once
+    pretrain: dict[int, ray.ObjectRef]  # seed -> PretrainBlob
+    cache_dir: str | None  # pretraining cache the trials share; None: a node-local temp dir
+    experiment_dir: str  # local path or s3:// URI
+    resources: Resources
+
+    def config(
+        self, params: dict[str, Any], seed: int | None = None, device: str | None = None
+    ) -> TrialConfig:
+        overrides = nest(params)
+        if seed is not None:
+            overrides["seed"] = seed
+        if device is not None:
+            overrides.setdefault("train", {})["device"] = device
+        return resolve_trial_config(self.raw, origin=self.origin, overrides=overrides)
+
+
+def pretrain_blob(raw: dict[str, Any], dataset: MultimodalDataset, threads: int) -> PretrainBlob:
+    """Stage (a) for one (dataset, seed): the body of the driver's pretraining tasks."""
+    torch.set_num_threads(threads)
+    cfg = resolve_trial_config(raw, origin="pretraining")
+    with tempfile.TemporaryDirectory(prefix="imder-pretrain-") as tmp:
+        path, _ = run_pretrain(cfg, dataset, Path(tmp))
+        return PretrainBlob(
+            pretrain_key(cfg, dataset.checksum),
+            {name: (path.parent / name).read_bytes() for name in PRETRAIN_FILES},
+        )
+
+
+def install_pretrain(cache_dir: Path, blob: PretrainBlob) -> None:
+    """Put a pretraining checkpoint where `run_trial` finds it by key (no-op if it is there)."""
+    target = cache_dir / f"pretrain-{blob.key}"
+    # meta.json last: run_pretrain treats the pair as present only once both exist.
+    for name in PRETRAIN_FILES:
+        if not (target / name).exists():
+            atomic_write_bytes(target / name, blob.files[name])
+
+
+def _cache_for(ctx: TrialContext, seed: int) -> Path:
+    cache = Path(ctx.cache_dir or Path(tempfile.gettempdir()) / "imder-sweep-pretrain-cache")
+    if seed in ctx.pretrain:
+        install_pretrain(cache, ray.get(ctx.pretrain[seed]))
+    return cache
+
+
+class EpochReporter:
+    """The loop's per-epoch `Reporter` -> a flat metrics dict for Tune or Train.
+
+    Only stage (b) is reported (stage (a) is shared and done before the trials), so the reported
+    `epoch` is what ASHA counts. `loop_done` tells a stop of the loop itself (last epoch or early
+    stopping) from a stop by the scheduler.
+    """
+
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        send: Callable[[dict[str, Any], Path | None], None],
+        world_size: int = 1,
+    ) -> None:
+        self.cfg, self.send, self.world_size = cfg, send, world_size
+        self.best: float | None = None
+        self.since_best = 0
+
+    def __call__(self, stage: str, epoch: int, row: dict[str, float], ckpt: Path | None) -> None:
+        if stage != "train":
+            return
+        tc = self.cfg.train
+        best = row[f"best_valid_{tc.select_metric}"]
+        improved = self.best is None or (best != self.best and not math.isnan(best))
+        self.since_best = 0 if improved else self.since_best + 1
+        self.best = best
+        done = epoch >= tc.epochs or self.since_best >= tc.early_stop
+        self.send({**row, "epoch": epoch, "loop_done": done, "world_size": self.world_size}, ckpt)
+
+
+def _tune_send(metrics: dict[str, Any], ckpt: Path | None) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt) if ckpt else None)
+
+
+def _restore(checkpoint: Any, into: Path) -> Path | None:
+    """Copy a reported checkpoint's loop state to a local file (None without a checkpoint)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        atomic_write_bytes(into / "resume-state.pt", (Path(d) / STATE_FILE).read_bytes())
+    return into / "resume-state.pt"
+
+
+def _keep(out_dir: Path, dest: str | None) -> None:
+    """Copy a final run's best checkpoint and metrics to the experiment's storage."""
+    if dest is None:
+        return
+    for name in ("best.pt", "metrics.json"):
+        if (out_dir / name).exists():
+            storage.write_bytes(storage.join(dest, name), (out_dir / name).read_bytes())
+
+
+def run_in_process(
+    ctx: TrialContext,
+    params: dict[str, Any],
+    *,
+    seed: int | None = None,
+    send: Callable[[dict[str, Any], Path | None], None] | None = None,
+    checkpoint: Any = None,
+    evaluate_test: bool = False,
+    keep: str | None = None,
+) -> TrialResult:
+    """One trial in this process: the one-worker case, and the final runs' tasks."""
+    torch.set_num_threads(ctx.resources.threads)
+    cfg = ctx.config(params, seed)
+    dataset = ray.get(ctx.dataset)
+    cache = _cache_for(ctx, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="imder-trial-") as tmp:
+        out = Path(tmp)
+        result = run_trial(
+            cfg,
+            dataset=dataset,
+            out_dir=out,
+            cache_dir=cache,
+            reporter=EpochReporter(cfg, send) if send else None,
+            resume_state=_restore(checkpoint, out),
+            evaluate_test=evaluate_test,
+        )
+        _keep(out, keep)
+    return result
+
+
+def imder_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable of a search trial: `config` holds only the searched values."""
+    if ctx.resources.launcher == "torch":
+        fit_torch_trainer(ctx, config, in_tune=True)
+        return
+    from ray import tune
+
+    # One "Checkpoint successfully created" line per epoch and trial drowns the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    run_in_process(ctx, config, send=_tune_send, checkpoint=tune.get_checkpoint())
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the loop as one DDP rank; every rank reports every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    ctx: TrialContext = loop_config["ctx"]
+    final: bool = loop_config["final"]
+    torch.set_num_threads(ctx.resources.threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    probe = ctx.config(loop_config["params"], loop_config["seed"])
+    device = str(ray.train.torch.get_device()) if probe.train.device == "auto" else None
+    cfg = ctx.config(loop_config["params"], loop_config["seed"], device=device)
+
+    def send(metrics: dict[str, Any], ckpt: Path | None) -> None:
+        # A barrier across ranks; only rank 0's metrics and checkpoint are kept.
+        keep_ckpt = ckpt is not None and rank == 0
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if keep_ckpt else None
+        )
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        # Unused parameters differ per batch: at MR 0 nothing is recovered, and ranks miss
+        # different modalities.
+        return ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+
+    parallel = DataParallel(rank, world, wrap) if world > 1 else None
+    dataset = ray.get(ctx.dataset)
+    cache = _cache_for(ctx, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="imder-worker-") as tmp:
+        out = Path(tmp)
+        result = run_trial(
+            cfg,
+            dataset=dataset,
+            out_dir=out if rank == 0 else None,
+            cache_dir=cache,
+            reporter=EpochReporter(cfg, send, world),
+            resume_state=_restore(ray.train.get_checkpoint(), out),
+            evaluate_test=final,
+            parallel=parallel,
+        )
+        if final:
+            # Train keeps the metrics of the latest report with a checkpoint as the run's
+            # result, so rank 0 attaches one (the result itself, small).
+            metrics = {"result": json.dumps(result.to_json())}
+            checkpoint = None
+            if rank == 0:
+                _keep(out, loop_config["keep"])
+                atomic_write_bytes(out / "final" / "result.json", metrics["result"].encode())
+                checkpoint = ray.train.Checkpoint.from_directory(out / "final")
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_torch_trainer(
+    ctx: TrialContext,
+    params: dict[str, Any],
+    *,
+    in_tune: bool,
+    seed: int | None = None,
+    keep: str | None = None,
+) -> Any:
+    """Run one search trial (`in_tune`) or one final run as a TorchTrainer."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = ctx.resources
+    callbacks = []
+    if in_tune:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        # Named after the trial, so a retried trial resumes its own Train run.
+        name = f"{ctx.study}-{tune.get_context().get_trial_id()}"
+        callbacks.append(TuneReportCallback())
+    else:
+        name = f"{ctx.study}-final-seed{seed}"
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        per_worker["GPU"] = r.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "ctx": ctx,
+            "params": params,
+            "seed": seed,
+            "final": not in_tune,
+            "keep": keep,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage.join(ctx.experiment_dir, "train-runs"),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    return trainer.fit()
+
+
+def final_run(ctx: TrialContext, params: dict[str, Any], seed: int, keep: str) -> dict[str, Any]:
+    """One seed of the final evaluation: retrain the chosen configuration, test once."""
+    if ctx.resources.launcher == "torch":
+        result = fit_torch_trainer(ctx, params, in_tune=False, seed=seed, keep=keep)
+        return json.loads(result.metrics["result"])
+    return run_in_process(ctx, params, seed=seed, evaluate_test=True, keep=keep).to_json()

@@ -1,0 +1,98 @@
+"""`python -m imder_sweep.tune --space FILE`: the IMDer sweep on Ray Tune + Optuna + ASHA.
+
+One study per missing rate (random protocol) and/or per fixed-protocol subset; each study is a
+Tune run searching the space file's knobs, then the configuration chosen on validation is
+retrained over the final seeds and tested once each. The paper-layout tables are printed and
+written to the experiment directory (see `imder_sweep.sweep.experiment`).
+
+Runs on an embedded single-node Ray, or on a cluster with --address (or under `ray job submit`,
+which sets RAY_ADDRESS). A space path that does not exist relative to the working directory is
+looked up among the space files shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imder_sweep.data import DataError
+from imder_sweep.sweep.plan import describe, make_plan
+from imder_sweep.sweep.space import resolve_space_path
+from imder_sweep.train.config import ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m imder_sweep.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--space", required=True, help="search-space YAML (e.g. search_spaces/mr.yaml)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.add_argument(
+        "--storage-path",
+        default="./results",
+        help="where experiments go: a local directory or s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--experiment-name",
+        default=None,
+        help="experiment directory name (default: the space name and a timestamp)",
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (recorded)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH_OR_URI",
+        help="override the space's data source (Parquet dir, .pkl, s3://, synthetic:)",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading an MMSA pickle")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan, run nothing"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink the sweep: 2 studies, 2 trials, 2 epochs, 2 seeds, small data",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        plan = make_plan(
+            resolve_space_path(args.space),
+            data=args.data,
+            allow_pickle=args.allow_pickle,
+            smoke=args.smoke,
+            storage_path=args.storage_path,
+            experiment_name=args.experiment_name,
+            tracking_uri=args.tracking_uri,
+        )
+        if plan.experiment_dir.exists("plan.json"):
+            raise ConfigError(
+                f"--experiment-name {plan.experiment}: {plan.experiment_dir.root} already holds "
+                "an experiment; pick another name"
+            )
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+        return 2
+    print(describe(plan), flush=True)
+    if args.dry_run:
+        return 0
+    from imder_sweep.sweep.driver import run  # imports Ray: not needed for a dry run
+
+    try:
+        return run(plan, args.address)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""The sweep layer without a Ray cluster: space files, the plan, the CLI, selection, the tables."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from imder_sweep import report
+from imder_sweep import tune as tune_cli
+from imder_sweep.sweep import tables
+from imder_sweep.sweep.experiment import ExperimentDir
+from imder_sweep.sweep.plan import describe, make_plan
+from imder_sweep.sweep.space import load_space, packaged_spaces, resolve_space_path
+from imder_sweep.train.config import ConfigError
+from imder_sweep.train.loop import DataParallel
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+
+
+def demo_raw() -> dict[str, Any]:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def write_space(tmp_path: Path, raw: dict[str, Any], name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --- shipped space files ----------------------------------------------------------------------
+
+
+def test_three_spaces_are_shipped() -> None:
+    assert {p.name for p in SPACES} >= {"demo.yaml", "mr.yaml", "fixed.yaml"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_space_validates(path: Path) -> None:
+    space = load_space(path)
+    assert space.studies() and space.keys
+    # The package ships the same file, for jobs submitted without --working-dir.
+    assert (packaged_spaces() / path.name).read_text() == path.read_text()
+
+
+def test_mr_space_is_the_papers_grid() -> None:
+    space = load_space(ROOT / "search_spaces" / "mr.yaml")
+    assert [s.label for s in space.studies()] == [f"0.{i}" for i in range(8)]
+    assert {s.protocol["kind"] for s in space.studies()} == {"random"}
+    assert set(space.keys) == {
+        "model.beta",
+        "model.sde.sigma",
+        "model.sampler.steps",
+        "model.score_net.width",
+    }
+    assert space.final_seeds == [0, 1, 2, 3, 4]
+
+
+def test_fixed_space_has_the_seven_subsets_in_table1_order() -> None:
+    space = load_space(ROOT / "search_spaces" / "fixed.yaml")
+    assert [s.label for s in space.studies()] == ["l", "v", "a", "lv", "la", "va", "lva"]
+    assert {s.protocol["kind"] for s in space.studies()} == {"fixed"}
+
+
+def test_space_path_falls_back_to_the_packaged_files(tmp_path: Path) -> None:
+    # A job without --working-dir runs elsewhere: the relative path is not there.
+    assert resolve_space_path("search_spaces/demo.yaml", cwd=tmp_path) == (
+        packaged_spaces() / "demo.yaml"
+    )
+    local = write_space(tmp_path, demo_raw(), "demo.yaml")
+    assert resolve_space_path("demo.yaml", cwd=tmp_path) == local
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such space file.*demo\.yaml"):
+        resolve_space_path("nope.yaml", cwd=tmp_path)
+
+
+# --- bad files: each names the key (and the value) ----------------------------------------------
+
+
+def _with(path: str, value: Any) -> Any:
+    def edit(raw: dict[str, Any]) -> None:
+        *parents, last = path.split("/")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    return edit
+
+
+def _drop_space(raw: dict[str, Any]) -> None:
+    raw["space"] = {}
+
+
+BAD = {
+    "unknown top-level key": (_with("serach", {"seed": 1}), ["serach", "Extra inputs"]),
+    "unknown space key": (
+        _with("space/model.score_net.widht", {"choice": [0.5]}),
+        ["space.model.score_net.widht", "unknown config key", "width"],
+    ),
+    "space key is a section": (
+        _with("space/model.score_net", {"choice": [0.5]}),
+        ["space.model.score_net", "is a section"],
+    ),
+    "wrong type": (_with("search/num_samples", "many"), ["search.num_samples", "'many'"]),
+    "MR 0.75": (_with("studies/mr", [0.3, 0.75]), ["studies.mr.1", "(got 0.75)", "2/3"]),
+    "MR just above 2/3": (_with("studies/mr", [0.68]), ["studies.mr.0", "(got 0.68)"]),
+    "duplicate MR": (_with("studies/mr", [0.3, 0.3]), ["studies.mr", "distinct"]),
+    "bad subset": (_with("studies/subsets", ["lx"]), ["studies.subsets.0", "'lx'"]),
+    "duplicate subset": (_with("studies/subsets", ["lv", "vl"]), ["studies.subsets", "distinct"]),
+    "no studies": (_with("studies", {}), ["studies", "no studies"]),
+    "impossible width": (
+        _with("space/model.score_net.width", {"choice": [0.25, 0.3]}),
+        ["space.model.score_net.width=0.3", "not divisible by score_net.heads"],
+    ),
+    "continuous width": (
+        _with("space/model.score_net.width", {"uniform": [0.25, 1.0]}),
+        ["space.model.score_net.width=0.4375", "use choice"],
+    ),
+    "test metric": (_with("search/metric", "test_acc2"), ["search.metric", "test metric"]),
+    "unknown metric": (_with("search/metric", "valid_foo"), ["search.metric", "valid_foo"]),
+    "empty space": (_drop_space, ["space", "at least 1 item"]),
+    "unknown distribution": (
+        _with("space/model.beta", {"normal": [0, 1]}),
+        ["space.model.beta", "exactly one of choice"],
+    ),
+    "two distributions": (
+        _with("space/model.beta", {"choice": [0.1], "uniform": [0, 1]}),
+        ["space.model.beta", "exactly one of choice"],
+    ),
+    "loguniform from 0": (
+        _with("space/model.beta", {"loguniform": [0.0, 1.0]}),
+        ["space.model.beta", "0 < lo < hi"],
+    ),
+    "value out of range": (
+        _with("space/model.sde.sigma", {"uniform": [0.5, 30.0]}),
+        ["space.model.sde.sigma=0.5", "greater than 1"],
+    ),
+    "reserved key": (
+        _with("space/protocol.mr", {"choice": [0.1, 0.2]}),
+        ["space.protocol.mr", "set per study"],
+    ),
+    "protocol fixed in the wrong place": (
+        _with("fixed/protocol", {"kind": "random", "mr": 0.3}),
+        ["fixed.protocol.mr", "studies"],
+    ),
+    "bad fixed value": (_with("fixed/model/beta", -1), ["fixed", "model.beta", "-1"]),
+    "function trainer with two workers": (
+        _with("resources", {"workers": 2, "trainer": "function"}),
+        ["resources", "workers=2"],
+    ),
+    "fractional GPUs above one": (
+        _with("resources/gpus_per_worker", 1.5),
+        ["resources", "gpus_per_worker=1.5"],
+    ),
+    "grace period past the last epoch": (
+        _with("search/asha", {"grace_period": 9}),
+        ["search.asha.grace_period", "max_t=3"],
+    ),
+    "select metric that disagrees": (
+        _with("fixed/train/select_metric", "acc2"),
+        ["fixed.train.select_metric", "valid_loss"],
+    ),
+    "int step that does not divide": (
+        _with("space/model.sampler.steps", {"int": [3, 10], "step": 2}),
+        ["space.model.sampler.steps", "step 2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_space_files_name_file_key_and_value(case: str, tmp_path: Path) -> None:
+    edit, expected = BAD[case]
+    raw = copy.deepcopy(demo_raw())
+    edit(raw)
+    path = write_space(tmp_path, raw, "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    message = str(err.value)
+    assert all(line.startswith(str(path)) for line in message.splitlines()), message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_cli_errors_are_error_lines_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = demo_raw()
+    raw["studies"]["mr"] = [0.75]
+    path = write_space(tmp_path, raw, "bad.yaml")
+    assert tune_cli.main(["--space", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() and all(line.startswith("error: ") for line in err.splitlines())
+    assert "studies.mr" in err and "0.75" in err
+    assert tune_cli.main(["--space", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such space file" in capsys.readouterr().err
+
+
+# --- the plan and the dry run ------------------------------------------------------------------
+
+
+def test_dry_run_reports_a_missing_data_file_without_failing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # data/mosi is not here
+    space = str(ROOT / "search_spaces" / "mr.yaml")
+    assert tune_cli.main(["--space", space, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT FOUND" in out and "data/mosi" in out
+    assert "8: mr0 mr0.1 mr0.2 mr0.3 mr0.4 mr0.5 mr0.6 mr0.7" in out
+    assert "192 search trials + 40 final runs" in out
+    assert "0.25 GPU" in out
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+    data = tmp_path / "mosi.pkl"
+    data.write_bytes(b"not read by a dry run")
+    args = ["--space", space, "--dry-run", "--data", str(data), "--allow-pickle"]
+    assert tune_cli.main(args) == 0
+    assert f"{data}: found (mmsa-pickle)" in capsys.readouterr().out
+
+
+def test_smoke_shrinks_everything(tmp_path: Path) -> None:
+    plan = make_plan(ROOT / "search_spaces" / "mr.yaml", smoke=True, data="synthetic:mosi")
+    sp = plan.space
+    cfg = sp.trial_config(sp.studies()[0], {})
+    assert [s.name for s in sp.studies()] == ["mr0", "mr0.7"]
+    assert sp.search.num_samples == 2 and sp.search.max_concurrent == 2
+    assert cfg.train.epochs == 2 and cfg.train.pretrain_epochs == 1
+    assert sp.final_seeds == [0, 1]
+    assert cfg.data.source == "synthetic:mosi?scale=0.05"
+    assert sp.max_t == 2 and sp.search.asha is not None and sp.search.asha.grace_period == 1
+
+
+def test_plan_flags(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unsupported scheme 'foo'"):
+        make_plan(DEMO, tracking_uri="foo://bar")
+    with pytest.raises(ConfigError, match="--experiment-name"):
+        make_plan(DEMO, experiment_name="../escape")
+    plan = make_plan(
+        DEMO, storage_path=str(tmp_path), experiment_name="x", tracking_uri="sqlite:///m.db"
+    )
+    assert plan.experiment_dir.root == str(tmp_path / "x")
+    assert plan.to_json()["tracking_uri"] == "sqlite:///m.db"
+    assert "tracking     sqlite:///m.db" in describe(plan)
+    assert plan.pretrain_seeds == [0, 1, 2]
+    s3 = make_plan(DEMO, storage_path="s3://bucket/prefix/", experiment_name="x")
+    assert s3.experiment_dir.root == "s3://bucket/prefix/x"
+
+
+def test_an_existing_experiment_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ExperimentDir(str(tmp_path / "taken")).write_json("plan.json", {})
+    args = ["--space", str(DEMO), "--storage-path", str(tmp_path), "--experiment-name", "taken"]
+    assert tune_cli.main(args) == 2
+    assert "already holds an experiment" in capsys.readouterr().err
+
+
+def test_pretrain_changing_keys_are_named(tmp_path: Path) -> None:
+    from imder_sweep.sweep.plan import pretrain_changing_keys
+
+    raw = demo_raw()
+    assert pretrain_changing_keys(load_space(DEMO)) == []
+    raw["space"]["train.lr"] = {"loguniform": [1e-4, 1e-2]}
+    assert pretrain_changing_keys(load_space(write_space(tmp_path, raw))) == ["train.lr"]
+
+
+# --- search-side pieces ------------------------------------------------------------------------
+
+
+def test_optuna_distributions() -> None:
+    import optuna
+
+    from imder_sweep.sweep.driver import optuna_distribution
+
+    space = load_space(ROOT / "search_spaces" / "mr.yaml").file.space
+    beta = optuna_distribution(space["model.beta"])
+    sigma = optuna_distribution(space["model.sde.sigma"])
+    steps = optuna_distribution(space["model.sampler.steps"])
+    assert isinstance(beta, optuna.distributions.FloatDistribution) and beta.log
+    assert (sigma.low, sigma.high, sigma.step) == (5.0, 50.0, 5.0)
+    assert steps.choices == (10, 25, 50, 100)
+
+
+def _result(trial_id: str, values: list[float], beta: float, *, error: bool = False, done=True):
+    frame = pd.DataFrame({"valid_loss": values, "epoch": range(1, len(values) + 1)})
+    return SimpleNamespace(
+        metrics={"trial_id": trial_id, "epoch": len(values), "loop_done": done},
+        metrics_dataframe=frame,
+        config={"model.beta": beta},
+        error=RuntimeError("boom\nValueError: bad") if error else None,
+        path=f"/x/trial-{trial_id}",
+    )
+
+
+def test_selection_is_on_the_best_validation_epoch() -> None:
+    from imder_sweep.sweep.driver import summarise_search
+
+    grid = [
+        _result("a", [1.0, 0.9, 0.95], 0.1),
+        _result("b", [0.8, 1.2], 0.2, done=False),  # stopped by ASHA, but best at epoch 1
+        _result("c", [math.nan], 0.3),
+        _result("d", [], 0.4, error=True),
+    ]
+    summary = summarise_search(grid, ["model.beta"], "valid_loss", "min", 3)
+    assert summary["best"] == {"trial_id": "b", "params": {"model.beta": 0.2}, "value": 0.8}
+    status = {t["trial_id"]: t["status"] for t in summary["trials"]}
+    assert status == {"a": "terminated", "b": "asha-stopped", "c": "terminated", "d": "error"}
+    assert summary["trials"][3]["error"] == "ValueError: bad"
+    maxed = summarise_search(grid, ["model.beta"], "valid_loss", "max", 3)
+    assert maxed["best"]["trial_id"] == "b"  # 1.2
+
+
+def test_epoch_reporter_tells_the_loops_own_stop() -> None:
+    from imder_sweep.sweep.trial import EpochReporter
+
+    space = load_space(DEMO)
+    cfg = space.trial_config(space.studies()[0], {})  # 3 epochs, early_stop 10
+    sent: list[dict[str, Any]] = []
+    rep = EpochReporter(cfg, lambda m, c: sent.append(m))
+    rep("pretrain", 1, {"best_valid_loss": 1.0}, None)  # stage (a) is not reported
+    for epoch, best in ((1, 1.0), (2, 0.9), (3, 0.9)):
+        rep("train", epoch, {"best_valid_loss": best}, None)
+    assert [m["epoch"] for m in sent] == [1, 2, 3]
+    assert [m["loop_done"] for m in sent] == [False, False, True]
+
+
+def test_data_parallel_shards_are_disjoint_and_equal() -> None:
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    shards = [DataParallel(r, 3, lambda m: m).shard(order) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    joined = torch.cat(shards)
+    assert len(set(joined.tolist())) == 9 and set(joined.tolist()) <= set(order.tolist())
+
+
+# --- tables and the report ---------------------------------------------------------------------
+
+
+def _plan(kind: str = "mr") -> dict[str, Any]:
+    studies = (
+        [
+            {"name": "mr0.3", "kind": "mr", "label": "0.3"},
+            {"name": "mr0.7", "kind": "mr", "label": "0.7"},
+        ]
+        if kind == "mr"
+        else [{"name": "fixed-l", "kind": "subset", "label": "l"}]
+    )
+    return {
+        "experiment": "t",
+        "data": {"source": "synthetic:mosi"},
+        "search": {"num_samples": 4, "algorithm": "tpe", "asha": {}, "metric": "valid_loss"},
+        "mode": "min",
+        "space": {"model.beta": {}, "model.score_net.width": {}},
+        "studies": studies,
+        "final_seeds": [0, 1],
+    }
+
+
+def _final(acc2: float, f1: float, acc7: float, mr: float = 0.3) -> dict[str, Any]:
+    test = {"acc2": acc2, "f1": f1, "acc7": acc7, "mae": 1.0, "corr": 0.5}
+    return {"test": test, "realised_mr": {"train": mr, "valid": mr, "test": mr}}
+
+
+def _search(beta: float) -> dict[str, Any]:
+    best = {"trial_id": "abc", "params": {"model.beta": beta, "model.score_net.width": 0.5}}
+    return {"trials": [{}] * 4, "best": {**best, "value": 0.8}}
+
+
+def test_table2_layout_means_stds_and_average() -> None:
+    searches = {"mr0.3": _search(0.1), "mr0.7": _search(0.2)}
+    finals = {
+        "mr0.3": {0: _final(0.80, 0.70, 0.30), 1: _final(0.70, 0.60, 0.20)},
+        "mr0.7": {0: _final(0.60, 0.50, 0.10, 2 / 3), 1: _final(0.60, 0.50, 0.20, 2 / 3)},
+    }
+    md = tables.markdown(_plan(), tables.rows_from(_plan(), searches, finals))
+    assert "Table 2" in md
+    # mean 75.0, sample std of (80, 70) = 7.07
+    assert (
+        "| 0.3 | 0.300 | 75.0 ± 7.1 | 65.0 ± 7.1 | 25.0 ± 7.1 | 2/2 | 0.8 | beta=0.1, width=0.5 |"
+        in md
+    )
+    assert "| 0.7 | 0.667 | 60.0 ± 0.0 | 50.0 ± 0.0 | 15.0 ± 7.1 | 2/2 |" in md
+    # Average: per-seed averages (70, 65) for acc2 -> 67.5 ± 3.5
+    assert "| Average | 0.483 | 67.5 ± 3.5 | 57.5 ± 3.5 | 20.0 ± 0.0 | 2 |" in md
+    table_csv = tables.csv_text(_plan(), tables.rows_from(_plan(), searches, finals))
+    rows = list(__import__("csv").DictReader(table_csv.splitlines()))
+    assert [r["study"] for r in rows] == ["mr0.3", "mr0.7", "average"]
+    assert rows[0]["acc2_mean"] == "75.0000" and rows[0]["model.beta"] == "0.1"
+
+
+def test_table1_and_partial_results() -> None:
+    plan = _plan("subset")
+    md = tables.markdown(plan, tables.rows_from(plan, {}, {}))
+    assert "Table 1" in md and "| {l} | — | — | — | — | 0/2 |" in md
+    partial = tables.rows_from(
+        plan, {"fixed-l": _search(0.1)}, {"fixed-l": {1: _final(0.7, 0.6, 0.2)}}
+    )
+    md = tables.markdown(plan, partial)
+    assert "| {l} | 0.300 | 70.0 | 60.0 | 20.0 | 1/2 |" in md
+
+
+def test_report_rebuilds_from_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = ExperimentDir(str(tmp_path / "exp"))
+    exp.write_json("plan.json", _plan())
+    exp.write_search("mr0.3", _search(0.1))
+    exp.write_final("mr0.3", 0, _final(0.8, 0.7, 0.3))
+    assert report.main([exp.root]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.3 | 0.300 | 80.0 | 70.0 | 30.0 | 1/2 |" in out
+    assert "| 0.7 | — |" in out  # not run yet
+    assert (tmp_path / "exp" / "table.md").read_text() in out
+    assert json.loads((tmp_path / "exp" / "plan.json").read_text())["experiment"] == "t"
+    assert (tmp_path / "exp" / "table.csv").read_text().startswith("table,study,label")
+    assert report.main([str(tmp_path / "nothing")]) == 2
+    assert "not an experiment directory" in capsys.readouterr().err
+
+
+def test_experiment_files_and_report_on_s3(
+    s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = ExperimentDir(f"s3://{s3_bucket}/sweeps/exp")
+    exp.write_json("plan.json", _plan())
+    exp.write_search("mr0.3", _search(0.1))
+    exp.write_final("mr0.3", 1, _final(0.8, 0.7, 0.3))
+    searches, finals = exp.results()
+    assert set(searches) == {"mr0.3"} and set(finals["mr0.3"]) == {1}
+    assert report.main([exp.root + "/"]) == 0
+    assert "| 0.3 | 0.300 | 80.0 | 70.0 | 30.0 | 1/2 |" in capsys.readouterr().out
+    assert exp.read_json("plan.json")["experiment"] == "t"
+    assert exp.exists("table.md") and exp.exists("table.csv")

@@ -1,0 +1,294 @@
+"""The sweep on real Ray: the demo end to end on an embedded cluster, a two-worker TorchTrainer
+trial (DDP over gloo), and `ray job submit` against a `ray start --head` of our own.
+
+Slow (minutes on 2 CPUs) but run in CI. Every Ray here is started by the test itself: the
+embedded one with address="local", the head on free ports with its own temp dir, stopped by
+killing the `ray start --block` process we started (never `ray stop`, which stops every Ray
+process on the machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from imder_sweep import report
+from imder_sweep import tune as tune_cli
+from imder_sweep.sweep.experiment import ExperimentDir
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token auth, no usage stats, and no inherited cluster address."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def small_demo_space(tmp_path: Path, epochs: int = 3, **edits: Any) -> Path:
+    """demo.yaml, smaller: the same two studies and search, less data and one seed fewer."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["fixed"]["data"]["source"] = "synthetic:mosi?scale=0.05"
+    raw["fixed"]["train"]["pretrain_epochs"] = 1
+    raw["fixed"]["train"]["epochs"] = epochs
+    raw["final"] = {"seeds": 2}
+    for key, value in edits.items():
+        raw[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def read_results(trial_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def test_demo_end_to_end_on_embedded_ray(
+    tmp_path: Path, ray_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ASHA from epoch 1 with reduction 2 over 4 trials: a trial worse than the median at a rung
+    # is stopped, which (seeded, deterministic data) happens to several here.
+    space = small_demo_space(tmp_path, epochs=2)
+    args = ["--space", str(space), "--storage-path", str(tmp_path), "--experiment-name", "demo"]
+    assert tune_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    exp = tmp_path / "demo"
+    plan = json.loads((exp / "plan.json").read_text())
+    max_t = plan["max_t"]
+    assert [s["name"] for s in plan["studies"]] == ["mr0.3", "mr0.7"]
+
+    stopped = 0
+    for study in ("mr0.3", "mr0.7"):
+        summary = json.loads((exp / "results" / f"{study}.search.json").read_text())
+        # Optuna proposed four distinct configurations.
+        params = [tuple(t["params"].values()) for t in summary["trials"]]
+        assert len(params) == 4 and len(set(params)) == 4
+        # Recompute every trial's best validation loss from Tune's own files: the choice is
+        # the argmin, and no test-split number ever reached Tune.
+        best: dict[str, float] = {}
+        spans = []
+        for trial_dir in sorted((exp / study).glob("trial-*")):
+            results = read_results(trial_dir)
+            assert not [k for r in results for k in r if k.startswith("test")]
+            config = json.loads((trial_dir / "params.json").read_text())
+            best[json.dumps(config, sort_keys=True)] = min(r["valid_loss"] for r in results)
+            spans.append(
+                (results[0]["timestamp"] - results[0]["time_total_s"], results[-1]["timestamp"])
+            )
+            if len(results) < max_t:
+                assert results[-1]["loop_done"] is False  # ended by ASHA, not by the loop
+                stopped += 1
+        chosen = min(best, key=best.__getitem__)
+        assert json.dumps(summary["best"]["params"], sort_keys=True) == chosen
+        assert summary["best"]["value"] == pytest.approx(best[chosen])
+        assert "test" not in json.dumps(summary)
+        # max_concurrent_trials=2: some trials ran at the same time.
+        spans.sort()
+        assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+        # The final runs retrained the chosen configuration, on stage (a) from the driver.
+        for seed in (0, 1):
+            final = json.loads((exp / "results" / f"{study}.final-seed{seed}.json").read_text())
+            assert final["config"]["seed"] == seed
+            assert final["config"]["model"]["beta"] == summary["best"]["params"]["model.beta"]
+            assert final["pretrain"]["reused"] is True
+            assert set(final["test"]) >= {"acc2", "f1", "acc7"}
+            assert (exp / "final" / study / f"seed{seed}" / "best.pt").exists()
+    assert stopped >= 1
+    assert sum(1 for _ in (exp / "pretrain-cache").iterdir()) == 2  # seeds 0 and 1, once each
+
+    rows = {r["study"]: r for r in csv.DictReader((exp / "table.csv").open())}
+    assert set(rows) == {"mr0.3", "mr0.7", "average"}
+    for study in ("mr0.3", "mr0.7"):
+        assert rows[study]["n_seeds"] == "2"
+        assert all(rows[study][f"{m}_{s}"] for m in ("acc2", "f1", "acc7") for s in ("mean", "std"))
+    table = (exp / "table.md").read_text()
+    assert table.count(" ± ") >= 9  # Acc2 / F1 / Acc7 of both rows and the average
+    assert table in printed
+    assert "study mr0.3: 4 trials" in printed and "[mr0.7] trials 4/4 done" in printed
+
+    # The report rebuilds the same table from disk, also from a partly finished experiment.
+    assert report.main([str(exp), "--no-write"]) == 0
+    assert capsys.readouterr().out == table
+    (exp / "results" / "mr0.7.final-seed1.json").unlink()
+    assert report.main([str(exp)]) == 0
+    assert "| 1/2 |" in capsys.readouterr().out
+
+
+def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
+    import ray
+
+    from imder_sweep.data import load_dataset
+    from imder_sweep.sweep import driver
+    from imder_sweep.sweep.plan import make_plan
+    from imder_sweep.sweep.trial import TrialContext
+
+    space = small_demo_space(
+        tmp_path,
+        epochs=2,
+        studies={"mr": [0.3]},
+        space={"model.beta": {"choice": [0.1]}},
+        search={"num_samples": 1, "asha": None},
+        resources={"workers": 2, "cpus_per_worker": 1},
+        final={"seeds": [0]},
+    )
+    plan = make_plan(space, storage_path=str(tmp_path), experiment_name="two")
+    assert plan.space.resources.launcher == "torch"
+    dataset = load_dataset(plan.data_source)
+    driver.connect(None, object_store_bytes=256 * 2**20, dashboard=True)
+    try:
+        exp = plan.experiment_dir
+        ref = ray.put(dataset)
+        pretrain = driver.pretrain_all(plan, dataset, ref, print)
+        study = plan.space.studies()[0]
+        ctx = TrialContext(
+            study=study.name,
+            raw=plan.space.trial_raw(study),
+            origin=str(space),
+            dataset=ref,
+            pretrain=pretrain,
+            cache_dir=exp.pretrain_cache,
+            experiment_dir=exp.root,
+            resources=plan.space.resources,
+        )
+        summary = driver.search_study(plan, study, ctx, print)
+        (trial,) = summary["trials"]
+        assert trial["status"] == "terminated" and trial["epochs"] == 2
+        trial_dir = next((tmp_path / "two" / "mr0.3").glob("trial-*"))
+        results = read_results(trial_dir)
+        assert [r["epoch"] for r in results] == [1, 2]
+        assert {r["world_size"] for r in results} == {2}  # reported through TuneReportCallback
+        # The Train run is named after the trial, so a retried trial would resume it.
+        assert (tmp_path / "two" / "train-runs" / f"mr0.3-{trial['trial_id']}").is_dir()
+        finals = driver.final_evaluation(plan, study, ctx, summary["best"]["params"], print)
+        assert set(finals[0]["test"]) >= {"acc2", "f1", "acc7"}
+        assert (tmp_path / "two" / "final" / "mr0.3" / "seed0" / "best.pt").exists()
+    finally:
+        ray.shutdown()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def ray_head(ray_env: None) -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A `ray start --head --block` of our own: (dashboard URL, env for the ray CLI, its cwd)."""
+    # Short: Ray's socket paths live under the temp dir and must fit in 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    cwd = temp / "cwd"
+    cwd.mkdir()
+    gcs, dash, client, manager, objects, metrics, agent, agent_grpc, runtime_env = _free_ports(9)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--object-store-memory={256 * 2**20}",
+        f"--temp-dir={temp / 'ray'}", "--include-dashboard=true",
+    ]  # fmt: skip
+    log = (temp / "head.log").open("wb")
+    head = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if head.poll() is not None:
+                pytest.fail(
+                    f"ray start exited {head.returncode}: {(temp / 'head.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no dashboard at {url}: {(temp / 'head.log').read_text()}")
+                time.sleep(0.5)
+        yield url, env, cwd
+    finally:
+        # SIGTERM to `ray start --block` (to it alone: signalling its whole group takes GCS
+        # down first and the drain hangs for 30 s) stops the processes it started.
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_demo(
+    tmp_path: Path, ray_head: tuple[str, dict[str, str], Path]
+) -> None:
+    url, env, head_cwd = ray_head
+    submit = [RAY, "job", "submit", f"--address={url}", "--entrypoint-num-cpus=0"]
+    # The user's form without --working-dir: the job runs in the head's directory, where
+    # search_spaces/ does not exist, so the shipped copy inside the package is used.
+    assert not (head_cwd / "search_spaces").exists()
+    dry = subprocess.run(
+        [*submit, "--", "python", "-m", "imder_sweep.tune", "--space",
+         "search_spaces/demo.yaml", "--dry-run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "imder_sweep/search_spaces/demo.yaml" in dry.stdout
+    assert "studies      2: mr0.3 mr0.7" in dry.stdout
+
+    storage = tmp_path / "results"
+    job = subprocess.run(
+        [*submit, "--working-dir", ".", "--", "python", "-m", "imder_sweep.tune", "--space",
+         "search_spaces/demo.yaml", "--smoke", "--storage-path", str(storage),
+         "--experiment-name", "job"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0, logs
+    assert "succeeded" in logs
+    assert "connected to Ray at" in logs  # the job joined the head, no second Ray started
+    assert "[mr0.3] trials 2/2 done" in logs  # progress reaches the job's logs
+    exp = ExperimentDir(str(storage / "job"))
+    assert "| Average |" in (storage / "job" / "table.md").read_text()
+    searches, finals = exp.results()
+    assert set(searches) == {"mr0.3", "mr0.7"}
+    assert {study: sorted(runs) for study, runs in finals.items()} == {
+        "mr0.3": [0, 1],
+        "mr0.7": [0, 1],
+    }
