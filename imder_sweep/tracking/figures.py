@@ -1,0 +1,242 @@
+"""The pictures a sweep logs, drawn from arrays with matplotlib's object API (no pyplot state, so
+trials in threads or Ray processes cannot draw into each other's figures).
+
+- `embed_recovered` + `recovered_vs_true_figure`: t-SNE of recovered vs true pooled features per
+  missing modality (paper Fig. 3).
+- `sentiment_figure`: the recovered features coloured by the 7 sentiment classes, one row per
+  model (conditional vs unconditional recovery, paper Fig. 4).
+- `history_figure`, `importance_figure`: a study's Optuna history and parameter importances.
+- `metrics_vs_mr_figure`: Acc2 / F1 / Acc7 against the missing rate, mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from imder_sweep.modalities import MODALITIES, MODALITY_NAMES
+
+# Points per t-SNE embedding, recovered and true together: t-SNE is quadratic-ish, and 500
+# points embed in about 2 s on one core.
+MAX_TSNE_POINTS = 500
+TSNE_SEED = 0
+# Below this many samples per side t-SNE has nothing to show (perplexity must stay < n).
+MIN_TSNE_SAMPLES = 4
+SENTIMENT_CLASSES = tuple(range(-3, 4))
+PANEL_INCHES = 4.0
+DPI = 100
+TABLE_METRICS = {"acc2": "Acc2", "f1": "F1", "acc7": "Acc7"}  # key -> the tables' name
+_RECOVERED, _TRUE = "tab:orange", "tab:blue"
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """2-D t-SNE coordinates of one missing modality's recovered (n, 2) and true (n, 2) pooled
+    features, row for row the same samples, with their sentiment labels (n,)."""
+
+    recovered: np.ndarray
+    true: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class SummaryPoint:
+    """One method at one missing rate: per-seed test scores as fractions, e.g.
+    {"acc2": [0.78, 0.79], ...} (a `imder_sweep.sweep.tables.Row`'s `test`)."""
+
+    method: str
+    mr: float
+    values: Mapping[str, Sequence[float]]
+
+
+def sentiment_classes(labels: np.ndarray) -> np.ndarray:
+    """The 7 classes of Acc7: round(clip(label, -3, 3)), rounding half to even as `metrics`."""
+    return np.round(np.clip(labels, -3.0, 3.0)).astype(int)
+
+
+def _tsne(points: np.ndarray) -> np.ndarray:
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    # One OpenMP thread: on a shared 2-core machine sklearn's spinning threads made a 1000-point
+    # embedding 8x slower than a single thread.
+    with threadpool_limits(limits=1):
+        return TSNE(
+            n_components=2,
+            perplexity=float(min(30.0, (len(points) - 1) / 3)),
+            init="pca",
+            random_state=TSNE_SEED,
+        ).fit_transform(points)
+
+
+def embed_recovered(table: pa.Table, max_points: int = MAX_TSNE_POINTS) -> dict[str, Embedding]:
+    """One joint t-SNE of recovered and true pooled features per missing modality of a
+    recovered-features table (`imder_sweep.consistency.write_recovered_parquet`). At most
+    `max_points` / 2 samples per modality, drawn with a fixed seed; modalities with fewer than
+    `MIN_TSNE_SAMPLES` samples are left out."""
+    modality = np.asarray(table.column("modality").to_pylist())
+    labels = table.column("label").to_numpy()
+    pooled = {
+        side: np.asarray(table.column(f"{side}_pooled").to_pylist(), dtype=np.float64)
+        for side in ("recovered", "true")
+    }
+    rng = np.random.default_rng(TSNE_SEED)
+    out = {}
+    for m in MODALITIES:
+        rows = np.flatnonzero(modality == m)
+        if len(rows) < MIN_TSNE_SAMPLES:
+            continue
+        if len(rows) > max_points // 2:
+            rows = np.sort(rng.choice(rows, max_points // 2, replace=False))
+        xy = _tsne(np.concatenate([pooled["recovered"][rows], pooled["true"][rows]]))
+        out[m] = Embedding(recovered=xy[: len(rows)], true=xy[len(rows) :], labels=labels[rows])
+    return out
+
+
+def _panel_title(m: str, n: int) -> str:
+    return f"{MODALITY_NAMES[m]} missing (n={n})"
+
+
+def recovered_vs_true_figure(embeddings: Mapping[str, Embedding], title: str) -> Figure:
+    """Paper Fig. 3: per missing modality, recovered and true features in one t-SNE plane."""
+    fig = Figure(
+        figsize=(PANEL_INCHES * max(len(embeddings), 1), PANEL_INCHES + 0.6),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    if not embeddings:
+        fig.text(0.5, 0.5, "no missing modality with enough samples", ha="center")
+        return fig
+    for ax, (m, emb) in zip(
+        fig.subplots(1, len(embeddings), squeeze=False)[0], embeddings.items(), strict=True
+    ):
+        ax.scatter(*emb.true.T, s=8, c=_TRUE, alpha=0.7, label="true")
+        ax.scatter(*emb.recovered.T, s=8, c=_RECOVERED, alpha=0.7, label="recovered")
+        ax.set_title(_panel_title(m, len(emb.labels)))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.axes[0].legend(loc="best", fontsize="small")
+    return fig
+
+
+def sentiment_figure(sources: Mapping[str, Mapping[str, Embedding]], title: str) -> Figure:
+    """Paper Fig. 4: recovered features coloured by sentiment class, one row per model (e.g.
+    "conditional", "unconditional"), one column per missing modality."""
+    modalities = [m for m in MODALITIES if any(m in emb for emb in sources.values())]
+    fig = Figure(
+        figsize=(PANEL_INCHES * max(len(modalities), 1), PANEL_INCHES * max(len(sources), 1) + 0.8),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    if not modalities:
+        fig.text(0.5, 0.5, "no missing modality with enough samples", ha="center")
+        return fig
+    cmap = _class_colours()
+    axes = fig.subplots(len(sources), len(modalities), squeeze=False)
+    for row, (source, embeddings) in zip(axes, sources.items(), strict=True):
+        for ax, m in zip(row, modalities, strict=True):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if m not in embeddings:
+                ax.set_title(f"{MODALITY_NAMES[m]} missing: too few samples")
+                continue
+            emb = embeddings[m]
+            classes = sentiment_classes(emb.labels)
+            for k in SENTIMENT_CLASSES:
+                picked = classes == k
+                if picked.any():
+                    ax.scatter(*emb.recovered[picked].T, s=10, color=cmap[k])
+            ax.set_title(_panel_title(m, len(classes)))
+        row[0].set_ylabel(source, fontsize="large")
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=cmap[k], label=f"{k:+d}")
+        for k in SENTIMENT_CLASSES
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(SENTIMENT_CLASSES), title="sentiment"
+    )
+    return fig
+
+
+def _class_colours() -> dict[int, tuple[float, ...]]:
+    import matplotlib
+
+    ramp = matplotlib.colormaps["coolwarm"].resampled(len(SENTIMENT_CLASSES))
+    return {k: ramp(i) for i, k in enumerate(SENTIMENT_CLASSES)}
+
+
+def history_figure(
+    numbers: Sequence[int], values: Sequence[float], *, direction: str, metric: str, title: str
+) -> Figure:
+    """Objective value per finished trial and the best value so far (Optuna's history plot)."""
+    fig = Figure(figsize=(7.0, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    order = np.argsort(numbers)
+    x = np.asarray(numbers)[order]
+    y = np.asarray(values, dtype=float)[order]
+    best = np.minimum.accumulate(y) if direction == "minimize" else np.maximum.accumulate(y)
+    ax.scatter(x, y, s=18, label=metric)
+    ax.step(x, best, where="post", color="tab:red", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(loc="best")
+    return fig
+
+
+def importance_figure(importances: Mapping[str, float], *, metric: str, title: str) -> Figure:
+    """Horizontal bars of parameter importances (fANOVA), most important on top."""
+    names = sorted(importances, key=importances.__getitem__)
+    fig = Figure(figsize=(7.0, 1.2 + 0.4 * len(names)), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel(f"importance for {metric}")
+    ax.set_title(title)
+    return fig
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+
+
+def metrics_vs_mr_figure(points: Sequence[SummaryPoint], title: str) -> Figure:
+    """Acc2 / F1 / Acc7 (%) against the missing rate, one line per method, error bars one
+    standard deviation over seeds (none with a single seed)."""
+    fig = Figure(
+        figsize=(PANEL_INCHES * len(TABLE_METRICS), PANEL_INCHES + 0.4),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    methods = sorted({p.method for p in points})
+    for ax, metric in zip(fig.subplots(1, len(TABLE_METRICS)), TABLE_METRICS, strict=True):
+        for method in methods:
+            mine = sorted((p for p in points if p.method == method), key=lambda p: p.mr)
+            stats = np.asarray([_mean_std(p.values.get(metric, [])) for p in mine]) * 100
+            ax.errorbar(
+                [p.mr for p in mine],
+                stats[:, 0],
+                yerr=stats[:, 1],
+                capsize=3,
+                marker="o",
+                label=method,
+            )
+        ax.set_xlabel("missing rate")
+        ax.set_ylabel(f"{TABLE_METRICS[metric]} (%)")
+        ax.set_title(TABLE_METRICS[metric])
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(loc="best")
+    return fig
