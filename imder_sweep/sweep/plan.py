@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse
 
-from pydantic import ValidationError
-
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.model.config import deep_merge
 from imder_sweep.sweep.experiment import ExperimentDir
-from imder_sweep.sweep.space import Space, SpaceFile, validate_space
-from imder_sweep.train.config import ConfigError, format_validation_error, load_yaml
+from imder_sweep.sweep.space import Space, validated_space
+from imder_sweep.train.config import ConfigError, load_yaml
 from imder_sweep.train.loop import pretrain_key
 
 SMOKE = {"epochs": 2, "pretrain_epochs": 1, "num_samples": 2, "seeds": 2, "studies": 2}
@@ -118,15 +116,6 @@ def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
     )
 
 
-def _validated(raw: dict[str, Any], origin: str) -> Space:
-    try:
-        file = SpaceFile.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, origin)) from None
-    validate_space(file, origin)
-    return Space(origin, file)
-
-
 def check_tracking_uri(uri: str) -> str:
     scheme = urlparse(uri).scheme
     # A Windows drive letter parses as a one-letter scheme.
@@ -162,7 +151,7 @@ def make_plan(
     """Read the space file, apply the command line, validate everything; ConfigError if not."""
     origin = str(space_path)
     raw = load_yaml(space_path)
-    space = _validated(raw, origin)
+    space = validated_space(raw, origin)
     overrides: dict[str, Any] = {}
     if data is not None:
         overrides["data"] = {"source": data}
@@ -170,9 +159,9 @@ def make_plan(
         overrides.setdefault("data", {})["allow_pickle"] = True
     if overrides:
         raw = deep_merge(raw, {"fixed": overrides})
-        space = _validated(raw, f"{origin} (with --data/--allow-pickle)")
+        space = validated_space(raw, f"{origin} (with --data/--allow-pickle)")
     if smoke:
-        space = _validated(_smoke(raw, space), f"{origin} (shrunk by --smoke)")
+        space = validated_space(_smoke(raw, space), f"{origin} (shrunk by --smoke)")
     name = (
         experiment_name or f"{space.file.name or space_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )

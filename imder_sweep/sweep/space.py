@@ -571,8 +571,11 @@ def validate_space(file: SpaceFile, origin: str) -> None:
 
 def load_space(path: str | Path) -> Space:
     """Read and validate a space file; ConfigError lines name the file, key and value."""
-    origin = str(path)
-    raw = load_yaml(Path(path))
+    return validated_space(load_yaml(Path(path)), str(path))
+
+
+def validated_space(raw: dict[str, Any], origin: str) -> Space:
+    """Validate a raw space mapping; `origin` (the file, and what changed it) starts each error."""
     try:
         file = SpaceFile.model_validate(raw)
     except ValidationError as err:
