@@ -18,6 +18,7 @@ import sys
 from imder_sweep.data import DataError
 from imder_sweep.sweep.plan import describe, make_plan
 from imder_sweep.sweep.space import resolve_space_path
+from imder_sweep.tracking import TrackingError
 from imder_sweep.train.config import ConfigError
 
 
@@ -43,7 +44,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="experiment directory name (default: the space name and a timestamp)",
     )
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (recorded)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: the space file's, else MLFLOW_TRACKING_URI, "
+        "else ./mlflow.db with artifacts in ./mlartifacts)",
+    )
+    p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     p.add_argument(
         "--data",
         default=None,
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=args.storage_path,
             experiment_name=args.experiment_name,
             tracking_uri=args.tracking_uri,
+            tracking=not args.no_tracking,
         )
         if plan.experiment_dir.exists("plan.json"):
             raise ConfigError(
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(plan, args.address)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

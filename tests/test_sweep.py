@@ -249,8 +249,10 @@ def test_plan_flags(tmp_path: Path) -> None:
         DEMO, storage_path=str(tmp_path), experiment_name="x", tracking_uri="sqlite:///m.db"
     )
     assert plan.experiment_dir.root == str(tmp_path / "x")
-    assert plan.to_json()["tracking_uri"] == "sqlite:///m.db"
-    assert "tracking     sqlite:///m.db" in describe(plan)
+    # Relative SQLite paths become absolute: Ray moves workers into trial directories.
+    assert plan.to_json()["tracking_uri"] == f"sqlite:///{Path.cwd() / 'm.db'}"
+    assert f"tracking     sqlite:///{Path.cwd() / 'm.db'}" in describe(plan)
+    assert make_plan(DEMO, tracking=False).tracking_uri is None
     assert plan.pretrain_seeds == [0, 1, 2]
     s3 = make_plan(DEMO, storage_path="s3://bucket/prefix/", experiment_name="x")
     assert s3.experiment_dir.root == "s3://bucket/prefix/x"

@@ -40,8 +40,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture
-def ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No token auth, no usage stats, and no inherited cluster address."""
+def ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No token auth, no usage stats, no inherited cluster address; MLflow in a temp SQLite."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -12,15 +12,11 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from servers import Server, free_port, start_mlflow_server, stop_server, wait_healthy
 from test_train import TINY
 
 from imder_sweep.consistency import read_recovered_parquet
@@ -81,71 +78,6 @@ CHROMIUM_FLAGS = (
 # Servers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    root: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-    bucket: str | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-
-def _server_env(extra: dict[str, str]) -> dict[str, str]:
-    # The servers get no AWS credentials of the test process, and no job runner (8 fewer
-    # processes on a 2-core machine).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    return {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **extra}
-
-
-def _start_server(root: Path, artifacts: str, env: dict[str, str]) -> Server:
-    root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = root / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", artifacts],
-            stdout=sink, stderr=subprocess.STDOUT, env=_server_env(env), cwd=root,
-            start_new_session=True,  # its own process group: the uvicorn worker ends with it
-        )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", root, proc, log)
-
-
-def _wait_healthy(server: Server, deadline: float) -> None:
-    while True:
-        if server.proc.poll() is not None:
-            pytest.fail(
-                f"mlflow server exited ({server.proc.returncode}): {server.log.read_text()}"
-            )
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=1):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up at {server.url}: {server.log.read_text()}")
-            time.sleep(0.25)
-
-
-def _stop(server: Server) -> None:
-    os.killpg(server.proc.pid, signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
-
-
 @dataclass
 class Trial:
     """One real tiny trial: its out_dir and the reporter calls it made."""
@@ -176,18 +108,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Itera
         "AWS_CONFIG_FILE": str(base / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(base / "no-aws-credentials"),
     }
-    local = _start_server(base / "local", str(base / "local" / "artifacts"), {})
-    s3 = _start_server(base / "s3", f"s3://{bucket}/mlflow", s3_env)
+    local = start_mlflow_server(base / "local", str(base / "local" / "artifacts"), {})
+    s3 = start_mlflow_server(base / "s3", f"s3://{bucket}/mlflow", s3_env)
     s3.bucket = bucket
     try:
         trial = _run_tiny_trial(base / "trial")
         deadline = time.monotonic() + 120
         for server in (local, s3):
-            _wait_healthy(server, deadline)
+            wait_healthy(server, deadline)
         yield Setup(local, s3, trial)
     finally:
         for server in (local, s3):
-            _stop(server)
+            stop_server(server)
 
 
 def _run_tiny_trial(out: Path) -> Trial:
@@ -617,7 +549,7 @@ class Relay:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = _free_port()
+        self.port = free_port()
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
 
@@ -695,7 +627,7 @@ def test_reporter_queues_while_the_server_is_down(setup: Setup) -> None:
 
 
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=f"{nobody}.*cannot be reached"):
         check_reachable(nobody, timeout=2)

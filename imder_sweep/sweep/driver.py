@@ -9,8 +9,10 @@ object store: trials on a node map the same arrays (zero-copy), no trial reads t
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,7 @@ from imder_sweep.sweep.experiment import PLAN
 from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import TrialTable, emit, trial_state
 from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
+from imder_sweep.sweep.tracked import SweepTracking, log_pretraining, search_trial_artifacts
 from imder_sweep.sweep.trial import (
     DRIVER_RESOURCES,
     PRETRAIN_FILES,
@@ -36,6 +39,12 @@ from imder_sweep.sweep.trial import (
     final_run,
     imder_trial,
     pretrain_blob,
+)
+from imder_sweep.tracking import (
+    SummaryPoint,
+    Tracker,
+    check_reachable,
+    refuse_local_store_for_multinode,
 )
 from imder_sweep.train.config import ConfigError, resolve_trial_config
 from imder_sweep.train.loop import pretrain_key
@@ -256,7 +265,38 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
     grid = tuner.fit()
     summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
     summary.update(study=study.name, protocol=study.protocol, seconds=time.perf_counter() - t0)
+    if ctx.tracking is not None:
+        log_search(plan, ctx, grid, summary, out)
     return summary
+
+
+def log_search(
+    plan: Plan, ctx: TrialContext, grid: tune.ResultGrid, summary: dict[str, Any], out: Out
+) -> None:
+    """Each trial's best-on-valid artifacts (Ray tasks), its run closed; the study's history."""
+    r = plan.space.resources
+    task = ray.remote(search_trial_artifacts).options(
+        num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, name="imder-artifacts"
+    )
+    checkpoints = {
+        (res.metrics or {}).get("trial_id") or Path(res.path).name: res.checkpoint for res in grid
+    }
+    pending = [
+        task.remote(ctx, t["params"], t["trial_id"], checkpoints.get(t["trial_id"]), t["status"])
+        for t in summary["trials"]
+    ]
+    t0 = time.perf_counter()
+    ray.get(pending)
+    s = plan.space.search
+    ctx.tracking.tracker.log_study_summary(
+        ctx.tracking.parent_run_id,
+        [(i, t["params"], t["value"]) for i, t in enumerate(summary["trials"])],
+        direction="minimize" if s.direction == "min" else "maximize",
+        metric=s.metric,
+    )
+    out(
+        f"[{ctx.study}] MLflow: {len(pending)} trial runs logged ({time.perf_counter() - t0:.0f} s)"
+    )
 
 
 def final_evaluation(
@@ -333,6 +373,24 @@ def study_line(study: Study, summary: dict[str, Any], finals: dict[int, dict[str
     )
 
 
+def log_summary(tracker: Tracker, experiment_id: str, exp: Any) -> None:
+    """The experiment's summary run: the tables and Acc2/F1/Acc7 against MR."""
+    plan_json = exp.read_json(PLAN)
+    searches, finals = exp.results()
+    rows = tables.rows_from(plan_json, searches, finals)
+    points = [
+        SummaryPoint("IMDer", float(row.label), row.test)
+        for row in rows
+        if row.kind == "mr" and row.test
+    ]
+    md, table_csv = tables.build(exp)
+    with tempfile.TemporaryDirectory(prefix="imder-summary-") as tmp:
+        md_path, csv_path = Path(tmp) / tables.TABLE_MD, Path(tmp) / tables.TABLE_CSV
+        md_path.write_text(md)
+        csv_path.write_text(table_csv)
+        tracker.log_summary_run(experiment_id, csv_path, md_path, points)
+
+
 def run(plan: Plan, address: str | None, out: Out = emit) -> int:
     """The whole sweep; returns 0 if every study has final results, 1 otherwise."""
     t_start = time.perf_counter()
@@ -347,10 +405,20 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
         f"data: {plan.data_source} ({dataset.name}, {dataset.sizes}, "
         f"{dataset_bytes(dataset) / 2**20:.1f} MiB)"
     )
+    if plan.tracking_uri:
+        check_reachable(plan.tracking_uri)  # before any training: say so now, not in a trial
     store = max(MIN_OBJECT_STORE, int(1.3 * dataset_bytes(dataset)) + 64 * 2**20)
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     out(connect(address, object_store_bytes=store, dashboard=sp.resources.launcher == "torch"))
     try:
+        tracking = None
+        if plan.tracking_uri:
+            refuse_local_store_for_multinode(
+                plan.tracking_uri, sum(1 for n in ray.nodes() if n.get("Alive"))
+            )
+            tracker = Tracker(plan.tracking_uri)
+            tracking = SweepTracking(plan.tracking_uri, tracker.start_experiment(plan.experiment))
+            out(f"MLflow: {plan.tracking_uri}, experiment {plan.experiment!r}")
         if problem := unschedulable(sp.resources, ray.cluster_resources()):
             if embedded:  # nothing will ever join: the trials would wait forever
                 raise ConfigError(f"{sp.path}: {problem}")
@@ -359,8 +427,17 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
         out(f"experiment: {exp.root}")
         dataset_ref = ray.put(dataset)
         pretrain = pretrain_all(plan, dataset, dataset_ref, out)
+        if tracking is not None:
+            tracking = log_pretraining(
+                tracking,
+                {s: resolve_trial_config(sp.trial_raw(sp.studies()[0], s)) for s in pretrain},
+                {s: json.loads(ray.get(ref).files["meta.json"]) for s, ref in pretrain.items()},
+            )
         ok = True
         for study in sp.studies():
+            parent = None
+            if tracking is not None:
+                parent = tracker.start_study_run(tracking.experiment_id, study.name)
             ctx = TrialContext(
                 study=study.name,
                 raw=sp.trial_raw(study),
@@ -370,6 +447,7 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 cache_dir=None if storage.is_s3(exp.root) else exp.pretrain_cache,
                 experiment_dir=exp.root,
                 resources=sp.resources,
+                tracking=tracking.for_study(parent) if tracking is not None else None,
             )
             summary = search_study(plan, study, ctx, out)
             exp.write_search(study.name, summary)
@@ -378,9 +456,13 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out)
             ok = ok and bool(finals)
             tables.write(exp)
+            if parent is not None:
+                tracker.close_run(parent, "FINISHED")
             out(study_line(study, summary, finals))
         out("")
         out(tables.write(exp))
+        if tracking is not None:
+            log_summary(tracker, tracking.experiment_id, exp)
         out(f"wrote {exp.path(tables.TABLE_MD)} and {exp.path(tables.TABLE_CSV)}")
         out(f"sweep wall time {time.perf_counter() - t_start:.0f} s")
         return 0 if ok else 1

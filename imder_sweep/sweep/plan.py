@@ -17,6 +17,7 @@ from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.model.config import deep_merge
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.space import Space, validated_space
+from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
 from imder_sweep.train.loop import pretrain_key
 
@@ -121,7 +122,7 @@ def check_tracking_uri(uri: str) -> str:
     # A Windows drive letter parses as a one-letter scheme.
     if len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
         raise ConfigError(
-            f"--tracking-uri {uri!r}: unsupported scheme {scheme!r}; use a path, file:, "
+            f"--tracking-uri {uri!r}: unsupported scheme {scheme!r}; use a path to a .db file, "
             "sqlite:///..., http(s)://host:port or another MLflow backend store URI"
         )
     return uri
@@ -147,8 +148,12 @@ def make_plan(
     storage_path: str = "./results",
     experiment_name: str | None = None,
     tracking_uri: str | None = None,
+    tracking: bool = True,
 ) -> Plan:
-    """Read the space file, apply the command line, validate everything; ConfigError if not."""
+    """Read the space file, apply the command line, validate everything; ConfigError if not.
+
+    MLflow tracking is on unless `tracking` is False: the flag's URI, else the space file's
+    `tracking_uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite) with ./mlartifacts."""
     origin = str(space_path)
     raw = load_yaml(space_path)
     space = validated_space(raw, origin)
@@ -173,7 +178,14 @@ def make_plan(
         space=space,
         experiment=name,
         storage=check_storage(storage_path),
-        tracking_uri=check_tracking_uri(tracking_uri) if tracking_uri else None,
+        tracking_uri=(
+            resolve_tracking_uri(
+                check_tracking_uri(tracking_uri) if tracking_uri else None,
+                check_tracking_uri(space.file.tracking_uri) if space.file.tracking_uri else None,
+            )
+            if tracking
+            else None
+        ),
         smoke=smoke,
     )
 

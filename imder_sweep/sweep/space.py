@@ -358,6 +358,7 @@ class Final(_Strict):
 
 class SpaceFile(_Strict):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    tracking_uri: str | None = None  # MLflow; the --tracking-uri flag wins
     fixed: dict[str, Any] = Field(default_factory=dict)
     studies: Studies
     space: dict[str, Distribution] = Field(min_length=1)

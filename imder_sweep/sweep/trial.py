@@ -27,6 +27,7 @@ import torch
 
 from imder_sweep.data import MultimodalDataset, storage
 from imder_sweep.sweep.space import Resources, nest
+from imder_sweep.sweep.tracked import SweepTracking, both, final_run_name, trial_run_name
 from imder_sweep.train.config import TrialConfig, resolve_trial_config
 from imder_sweep.train.loop import (
     DataParallel,
@@ -64,6 +65,7 @@ class TrialContext:
     cache_dir: str | None  # pretraining cache the trials share; None: a node-local temp dir
     experiment_dir: str  # local path or s3:// URI
     resources: Resources
+    tracking: SweepTracking | None = None  # MLflow, with this study's parent run
 
     def config(
         self, params: dict[str, Any], seed: int | None = None, device: str | None = None
@@ -167,12 +169,17 @@ def run_in_process(
     checkpoint: Any = None,
     evaluate_test: bool = False,
     keep: str | None = None,
+    trial_id: str | None = None,
 ) -> TrialResult:
     """One trial in this process: the one-worker case, and the final runs' tasks."""
     torch.set_num_threads(ctx.resources.threads)
     cfg = ctx.config(params, seed)
     dataset = ray.get(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
+    reporter = EpochReporter(cfg, send) if send else None
+    run_id = _start_run(ctx, cfg, final=evaluate_test, trial_id=trial_id)
+    if run_id is not None:
+        reporter = both(ctx.tracking.tracker.reporter(run_id), reporter)
     with tempfile.TemporaryDirectory(prefix="imder-trial-") as tmp:
         out = Path(tmp)
         result = run_trial(
@@ -180,12 +187,35 @@ def run_in_process(
             dataset=dataset,
             out_dir=out,
             cache_dir=cache,
-            reporter=EpochReporter(cfg, send) if send else None,
+            reporter=reporter,
             resume_state=_restore(checkpoint, out),
             evaluate_test=evaluate_test,
+            export_recovered=run_id is not None and evaluate_test,
         )
         _keep(out, keep)
+        if run_id is not None and evaluate_test:
+            _log_final(ctx, run_id, out)
     return result
+
+
+def _start_run(
+    ctx: TrialContext, cfg: TrialConfig, *, final: bool, trial_id: str | None
+) -> str | None:
+    """The MLflow run of a search trial or final seed (None without tracking)."""
+    if ctx.tracking is None:
+        return None
+    if final:
+        name, kind = final_run_name(ctx.study, cfg.seed), "final"
+    else:
+        name, kind = trial_run_name(ctx.study, trial_id or "unknown"), "trial"
+    return ctx.tracking.start_run(cfg, ctx.study, name, kind=kind, trial_id=trial_id)
+
+
+def _log_final(ctx: TrialContext, run_id: str, out: Path) -> None:
+    """A final run returns normally: log its artifacts (valid and test) and close it."""
+    tracker = ctx.tracking.tracker
+    tracker.log_trial_artifacts(run_id, out, splits=("valid", "test"), checkpoint=True)
+    tracker.close_run(run_id, "FINISHED")
 
 
 def imder_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -197,7 +227,13 @@ def imder_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     # One "Checkpoint successfully created" line per epoch and trial drowns the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    run_in_process(ctx, config, send=_tune_send, checkpoint=tune.get_checkpoint())
+    run_in_process(
+        ctx,
+        config,
+        send=_tune_send,
+        checkpoint=tune.get_checkpoint(),
+        trial_id=tune.get_context().get_trial_id(),
+    )
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -231,6 +267,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     parallel = DataParallel(rank, world, wrap) if world > 1 else None
     dataset = ray.get(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
+    reporter = EpochReporter(cfg, send, world)
+    # Only rank 0 logs to MLflow.
+    run_id = (
+        _start_run(ctx, cfg, final=final, trial_id=loop_config["trial_id"]) if rank == 0 else None
+    )
+    if run_id is not None:
+        reporter = both(ctx.tracking.tracker.reporter(run_id), reporter)
     with tempfile.TemporaryDirectory(prefix="imder-worker-") as tmp:
         out = Path(tmp)
         result = run_trial(
@@ -238,11 +281,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dataset=dataset,
             out_dir=out if rank == 0 else None,
             cache_dir=cache,
-            reporter=EpochReporter(cfg, send, world),
+            reporter=reporter,
             resume_state=_restore(ray.train.get_checkpoint(), out),
             evaluate_test=final,
             parallel=parallel,
+            export_recovered=run_id is not None and final,
         )
+        if run_id is not None and final:
+            _log_final(ctx, run_id, out)
         if final:
             # Train keeps the metrics of the latest report with a checkpoint as the run's
             # result, so rank 0 attaches one (the result itself, small).
@@ -274,9 +320,11 @@ def fit_torch_trainer(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         # Named after the trial, so a retried trial resumes its own Train run.
-        name = f"{ctx.study}-{tune.get_context().get_trial_id()}"
+        trial_id = tune.get_context().get_trial_id()
+        name = f"{ctx.study}-{trial_id}"
         callbacks.append(TuneReportCallback())
     else:
+        trial_id = None
         name = f"{ctx.study}-final-seed{seed}"
     per_worker = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker:
@@ -289,6 +337,7 @@ def fit_torch_trainer(
             "seed": seed,
             "final": not in_tune,
             "keep": keep,
+            "trial_id": trial_id,
         },
         scaling_config=ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker

@@ -526,13 +526,19 @@ def run_trial(
         )
         result.checkpoint = str(out / "best.pt")
         if export_recovered:
-            result.extra["consistency"] = export_recovered_features(model, splits, cfg, out)
+            result.extra["consistency"] = export_recovered_features(
+                model, splits, cfg, out, ("valid", "test") if evaluate_test else ("valid",)
+            )
         atomic_write_json(out / "metrics.json", result.to_json())
     return result
 
 
 def export_recovered_features(
-    model: IMDer, splits: dict[str, SplitData], cfg: TrialConfig, out: Path
+    model: IMDer,
+    splits: dict[str, SplitData],
+    cfg: TrialConfig,
+    out: Path,
+    which: tuple[str, ...] = ("valid", "test"),
 ) -> dict[str, Any]:
     """Write recovered vs true features (Parquet) and distribution-consistency numbers for
     valid and test (paper Fig. 3/4 as numbers)."""
@@ -547,7 +553,7 @@ def export_recovered_features(
         }
     train_labels = splits["train"].labels.cpu().numpy()
     report: dict[str, Any] = {}
-    for split in ("valid", "test"):
+    for split in which:
         data = splits[split]
         _, extra = predict(model, data, eval_bs, cfg.seed, split, collect=True)
         rec = extra["recovered"]
