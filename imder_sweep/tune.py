@@ -13,6 +13,7 @@ looked up among the space files shipped inside the package.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from imder_sweep.data import DataError
@@ -36,8 +37,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storage-path",
-        default="./results",
-        help="where experiments go: a local directory or s3://bucket/prefix",
+        default=os.environ.get("IMDER_STORAGE_PATH", "./results"),
+        help="where experiments go: a local directory or s3://bucket/prefix "
+        "(default: IMDER_STORAGE_PATH, which the cluster configs set, else ./results)",
     )
     p.add_argument(
         "--experiment-name",

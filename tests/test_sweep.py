@@ -439,3 +439,12 @@ def test_experiment_files_and_report_on_s3(
     assert "| 0.3 | 0.300 | 80.0 | 70.0 | 30.0 | 1/2 |" in capsys.readouterr().out
     assert exp.read_json("plan.json")["experiment"] == "t"
     assert exp.exists("table.md") and exp.exists("table.csv")
+
+
+def test_storage_path_defaults_to_the_cluster_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imder_sweep import tune
+
+    monkeypatch.setenv("IMDER_STORAGE_PATH", "s3://bucket/sweeps")
+    assert tune.parser().parse_args(["--space", "x"]).storage_path == "s3://bucket/sweeps"
+    monkeypatch.delenv("IMDER_STORAGE_PATH")
+    assert tune.parser().parse_args(["--space", "x"]).storage_path == "./results"
