@@ -81,3 +81,16 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
+
+
+def s3_server_env(moto_endpoint: str, root: Path) -> dict[str, str]:
+    """Environment of an `mlflow server` whose artifacts go to the moto S3 server: dummy
+    credentials on the server only, and none of the developer's AWS files."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
+        "AWS_CONFIG_FILE": str(root / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
+    }

@@ -12,7 +12,14 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import Server, free_port, start_mlflow_server, stop_server, wait_healthy
+from servers import (
+    Server,
+    free_port,
+    s3_server_env,
+    start_mlflow_server,
+    stop_server,
+    wait_healthy,
+)
 
 from imder_sweep import tune as tune_cli
 from imder_sweep.sweep.experiment import ExperimentDir
@@ -41,15 +48,7 @@ def server(
         }
         bucket = f"sweep-{uuid.uuid4().hex[:12]}"
         boto3.client("s3", endpoint_url=moto_endpoint, **creds).create_bucket(Bucket=bucket)
-        env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
-            "AWS_CONFIG_FILE": str(root / "no-aws-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
-        }
-        srv = start_mlflow_server(root, f"s3://{bucket}/mlflow", env)
+        srv = start_mlflow_server(root, f"s3://{bucket}/mlflow", s3_server_env(moto_endpoint, root))
         srv.bucket = bucket
         srv.s3_client = boto3.client("s3", endpoint_url=moto_endpoint, **creds)
     wait_healthy(srv, time.monotonic() + 120)

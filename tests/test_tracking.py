@@ -27,7 +27,14 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from servers import Server, free_port, start_mlflow_server, stop_server, wait_healthy
+from servers import (
+    Server,
+    free_port,
+    s3_server_env,
+    start_mlflow_server,
+    stop_server,
+    wait_healthy,
+)
 from test_train import TINY
 
 from imder_sweep.consistency import read_recovered_parquet
@@ -100,14 +107,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Itera
     """Both servers start while the trial trains: each takes ~20 s of mostly waiting."""
     base = tmp_path_factory.mktemp("mlflow")
     bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
-    s3_env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
-        "AWS_CONFIG_FILE": str(base / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(base / "no-aws-credentials"),
-    }
+    s3_env = s3_server_env(moto_endpoint, base)
     local = start_mlflow_server(base / "local", str(base / "local" / "artifacts"), {})
     s3 = start_mlflow_server(base / "s3", f"s3://{bucket}/mlflow", s3_env)
     s3.bucket = bucket
