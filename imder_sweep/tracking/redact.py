@@ -30,11 +30,27 @@ _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
 _MIN_ENV_SECRET = 6
 
 
+def _environ() -> dict[str, str]:
+    """A snapshot of the environment that another thread may be changing: MLflow's telemetry
+    thread sets and unsets `_MLFLOW_TELEMETRY_SESSION_ID`, and `os.environ.items()` then fails
+    with KeyError (a name gone between listing and reading) or RuntimeError (the dict resized
+    while listed)."""
+    for attempt in range(100):
+        try:
+            names = list(os.environ)
+        except RuntimeError:
+            if attempt == 99:
+                raise
+            continue
+        return {name: value for name in names if (value := os.environ.get(name)) is not None}
+    raise AssertionError("unreachable")
+
+
 def _env_secrets() -> list[str]:
     # Read at every call: tests and launchers change the environment after import.
     return [
         value
-        for name, value in os.environ.items()
+        for name, value in _environ().items()
         if _SECRET_NAME.search(name) and len(value) >= _MIN_ENV_SECRET
     ]
 
