@@ -448,3 +448,59 @@ def test_storage_path_defaults_to_the_cluster_environment(monkeypatch: pytest.Mo
     assert tune.parser().parse_args(["--space", "x"]).storage_path == "s3://bucket/sweeps"
     monkeypatch.delenv("IMDER_STORAGE_PATH")
     assert tune.parser().parse_args(["--space", "x"]).storage_path == "./results"
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The flag, else the space file's tracking_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert make_plan(DEMO).tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert make_plan(DEMO).tracking_uri == "http://env:5000"
+    raw = demo_raw()
+    raw["tracking_uri"] = "http://space:5000"
+    space = write_space(tmp_path, raw)
+    assert make_plan(space).tracking_uri == "http://space:5000"
+    assert make_plan(space, tracking_uri="http://flag:5000").tracking_uri == "http://flag:5000"
+    assert make_plan(space, tracking=False).tracking_uri is None
+    raw["tracking_uri"] = "foo://bar"
+    with pytest.raises(ConfigError, match=r"space\.yaml: tracking_uri 'foo://bar'"):
+        make_plan(write_space(tmp_path, raw))
+
+
+def test_stop_epochs_cover_every_asha_rung() -> None:
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from imder_sweep.sweep.tracked import stop_epochs
+
+    for grace, rf, max_t in [(1, 2, 3), (1, 2, 30), (2, 3, 50), (5, 4, 5), (1, 2.5, 40)]:
+        rungs = {int(m) for m, _ in _Bracket(grace, max_t, rf, 0)._rungs}
+        assert rungs | {max_t} <= stop_epochs(max_t, grace, rf)
+    assert stop_epochs(7, None, None) == {7}
+
+
+def test_metrics_are_flushed_before_a_report_tune_may_end_the_trial_on() -> None:
+    from imder_sweep.sweep.tracked import logged_first
+
+    calls: list[tuple[str, int]] = []
+
+    class Mlflow:  # an MlflowReporter whose server is down: every epoch waits in its queue
+        pending = 0
+
+        def __call__(self, stage: str, epoch: int, row: dict, ckpt: Any) -> None:
+            calls.append(("log", epoch))
+            self.pending += 1
+
+        def flush(self) -> None:
+            calls.append(("flush", len(calls)))
+            self.pending = 0
+
+    def tune_report(stage: str, epoch: int, row: dict, ckpt: Any) -> None:
+        calls.append(("report", epoch))
+
+    mlflow: Any = Mlflow()
+    report = logged_first(mlflow, tune_report, last_epoch=5, flush_at={1, 2, 4})
+    for epoch in range(1, 6):
+        report("train", epoch, {}, None)
+    flushed_before = [calls[i + 1][1] for i, c in enumerate(calls) if c[0] == "flush"]
+    assert flushed_before == [1, 2, 4, 5]  # rungs and the last epoch; not epoch 3

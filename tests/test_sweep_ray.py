@@ -143,7 +143,9 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
     from imder_sweep.data import load_dataset
     from imder_sweep.sweep import driver
     from imder_sweep.sweep.plan import make_plan
+    from imder_sweep.sweep.tracked import SweepTracking
     from imder_sweep.sweep.trial import TrialContext
+    from imder_sweep.tracking import Tracker
 
     space = small_demo_space(
         tmp_path,
@@ -161,8 +163,12 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
     try:
         exp = plan.experiment_dir
         ref = ray.put(dataset)
-        pretrain = driver.pretrain_all(plan, dataset, ref, print)
+        # MLflow (ray_env's temp SQLite store): only rank 0 of the two workers logs.
+        tracker = Tracker(plan.tracking_uri)
+        tracking = SweepTracking(plan.tracking_uri, tracker.start_experiment("two"))
+        pretrain, tracking = driver.pretrain_all(plan, dataset, ref, print, tracking)
         study = plan.space.studies()[0]
+        parent = tracker.start_study_run(tracking.experiment_id, study.name)
         ctx = TrialContext(
             study=study.name,
             raw=plan.space.trial_raw(study),
@@ -172,6 +178,7 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
             cache_dir=exp.pretrain_cache,
             experiment_dir=exp.root,
             resources=plan.space.resources,
+            tracking=driver.study_tracking(plan, tracking, parent),
         )
         summary = driver.search_study(plan, study, ctx, print)
         (trial,) = summary["trials"]
@@ -185,6 +192,15 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
         finals = driver.final_evaluation(plan, study, ctx, summary["best"]["params"], print)
         assert set(finals[0]["test"]) >= {"acc2", "f1", "acc7"}
         assert (tmp_path / "two" / "final" / "mr0.3" / "seed0" / "best.pt").exists()
+        client = tracker.client
+        for name in (f"mr0.3-trial-{trial['trial_id']}", "mr0.3-final-seed0"):
+            run_id = tracker.find_child_run(tracking.experiment_id, parent, name)
+            assert run_id is not None, name
+            assert client.get_run(run_id).info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(run_id, "valid_loss")]
+            assert steps == [1, 2], name  # one point per epoch: rank 1 logged nothing
+        files = {a.path for a in client.list_artifacts(run_id, "recovered")}
+        assert files == {"recovered/recovered_valid.parquet", "recovered/recovered_test.parquet"}
     finally:
         ray.shutdown()
 

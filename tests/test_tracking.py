@@ -710,3 +710,27 @@ def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not looks_secret("model.sampler.solver", "euler_maruyama")
     assert not looks_secret(tags.PRETRAIN_KEY, "a1b2c3d4e5f6a7b8c9d0")
     assert redact({"a": "1", "api_key": "k"}) == {"a": "1", "api_key": REDACTED}
+
+
+def test_redact_while_another_thread_changes_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # MLflow's telemetry thread sets and unsets _MLFLOW_TELEMETRY_SESSION_ID while a trial logs
+    # its params; reading os.environ.items() then raised KeyError and failed the trial.
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-3f9a77")
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["_IMDER_TEST_CHURN"] = "1"
+            os.environ.pop("_IMDER_TEST_CHURN", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert redact({"note": "bearer tok-3f9a77"}) == {"note": REDACTED}
+    finally:
+        stop.set()
+        thread.join()

@@ -9,6 +9,7 @@ object store: trials on a node map the same arrays (zero-copy), no trial reads t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,15 @@ from imder_sweep.sweep.experiment import PLAN
 from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import TrialTable, emit, trial_state
 from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
-from imder_sweep.sweep.tracked import SweepTracking, log_pretraining, search_trial_artifacts
+from imder_sweep.sweep.tracked import (
+    CloseTrialRuns,
+    SweepTracking,
+    final_run_name,
+    log_pretraining,
+    search_trial_artifacts,
+    start_pretrain_runs,
+    stop_epochs,
+)
 from imder_sweep.sweep.trial import (
     DRIVER_RESOURCES,
     PRETRAIN_FILES,
@@ -41,6 +50,7 @@ from imder_sweep.sweep.trial import (
     pretrain_blob,
 )
 from imder_sweep.tracking import (
+    MlflowReporter,
     SummaryPoint,
     Tracker,
     check_reachable,
@@ -119,9 +129,14 @@ def unschedulable(resources: Resources, cluster: dict[str, float]) -> str | None
 
 
 def pretrain_all(
-    plan: Plan, dataset: MultimodalDataset, dataset_ref: ray.ObjectRef, out: Out
-) -> dict[int, ray.ObjectRef]:
-    """Stage (a) once per seed, as Ray tasks; reused from storage when already there."""
+    plan: Plan,
+    dataset: MultimodalDataset,
+    dataset_ref: ray.ObjectRef,
+    out: Out,
+    tracking: SweepTracking | None = None,
+) -> tuple[dict[int, ray.ObjectRef], SweepTracking | None]:
+    """Stage (a) once per seed, as Ray tasks; reused from storage when already there. With
+    tracking, one MLflow run per pretraining checkpoint, its epochs logged as it trains."""
     t0 = time.perf_counter()
     exp = plan.experiment_dir
     r = plan.space.resources
@@ -129,30 +144,39 @@ def pretrain_all(
     task = ray.remote(pretrain_blob).options(
         num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, name="imder-pretrain"
     )
+    raws = {seed: plan.space.trial_raw(study, seed) for seed in plan.pretrain_seeds}
+    configs = {seed: resolve_trial_config(raw) for seed, raw in raws.items()}
+    keys = {seed: pretrain_key(cfg, dataset.checksum) for seed, cfg in configs.items()}
+    runs = start_pretrain_runs(tracking, configs, keys) if tracking is not None else {}
     refs: dict[int, ray.ObjectRef] = {}
     launched: dict[int, ray.ObjectRef] = {}
     for seed in plan.pretrain_seeds:
-        raw = plan.space.trial_raw(study, seed)
-        key = pretrain_key(resolve_trial_config(raw), dataset.checksum)
-        where = storage.join(exp.pretrain_cache, f"pretrain-{key}")
+        where = storage.join(exp.pretrain_cache, f"pretrain-{keys[seed]}")
         if all(storage.exists(storage.join(where, f)) for f in PRETRAIN_FILES):
             blob = PretrainBlob(
-                key, {f: bytes(storage.read_bytes(storage.join(where, f))) for f in PRETRAIN_FILES}
+                keys[seed],
+                {f: bytes(storage.read_bytes(storage.join(where, f))) for f in PRETRAIN_FILES},
             )
             refs[seed] = ray.put(blob)
         else:
-            launched[seed] = task.remote(raw, dataset_ref, r.threads)
+            reporter = None
+            if seed in runs:
+                reporter = MlflowReporter(tracking.uri, runs[seed], pretrain_run_id=runs[seed])
+            launched[seed] = task.remote(raws[seed], dataset_ref, r.threads, reporter)
     for seed, ref in launched.items():
         blob = ray.get(ref)
         where = storage.join(exp.pretrain_cache, f"pretrain-{blob.key}")
         for name in PRETRAIN_FILES:  # meta.json last: it marks the pair complete
             storage.write_bytes(storage.join(where, name), blob.files[name])
         refs[seed] = ref
+    if tracking is not None:
+        metas = {s: json.loads(ray.get(ref).files["meta.json"]) for s, ref in refs.items()}
+        tracking = log_pretraining(tracking, runs, metas)
     out(
         f"pretraining (stage a): seeds {plan.pretrain_seeds}, {len(launched)} trained, "
         f"{len(refs) - len(launched)} reused, {time.perf_counter() - t0:.1f} s"
     )
-    return refs
+    return refs, tracking
 
 
 def _best_of(values: list[float], mode: str) -> float:
@@ -229,6 +253,20 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
         else DRIVER_RESOURCES
     )
     trainable = tune.with_resources(tune.with_parameters(imder_trial, ctx=ctx), resources)
+    callbacks: list[tune.Callback] = [
+        TrialTable(
+            study.name,
+            study.label,
+            sp.keys,
+            s.metric,
+            s.direction,
+            sp.max_t,
+            s.num_samples,
+            out=out,
+        )
+    ]
+    if ctx.tracking is not None:
+        callbacks.append(CloseTrialRuns(ctx.tracking, study.name))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -246,18 +284,7 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
             name=study.name,
             storage_path=plan.experiment_dir.root,
             verbose=0,
-            callbacks=[
-                TrialTable(
-                    study.name,
-                    study.label,
-                    sp.keys,
-                    s.metric,
-                    s.direction,
-                    sp.max_t,
-                    s.num_samples,
-                    out=out,
-                )
-            ],
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -326,6 +353,7 @@ def final_evaluation(
             result = ray.get(done[0])
         except ray.exceptions.RayError as exc:
             out(f"[{study.name}] final seed {seed} FAILED: {_last_line(exc)}")
+            close_final_run(ctx.tracking, study.name, seed)
             continue
         exp.write_final(study.name, seed, result)
         results[seed] = result
@@ -343,6 +371,33 @@ def _last_line(exc: BaseException) -> str:
     """The message of a remote error: its traceback's last line."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def close_final_run(tracking: SweepTracking | None, study: str, seed: int) -> None:
+    """A failed final seed's run ends FAILED (its process could not close it)."""
+    if tracking is None:
+        return
+    tracker = tracking.tracker
+    run_id = tracker.find_child_run(
+        tracking.experiment_id, tracking.parent_run_id, final_run_name(study, seed)
+    )
+    if run_id is not None:
+        tracker.close_run(run_id, "FAILED")
+
+
+def study_tracking(plan: Plan, tracking: SweepTracking, parent_run_id: str) -> SweepTracking:
+    """This study's view of the tracking: its parent run, and the epochs where Tune may end a
+    trial (its reporter flushes queued metrics before those reports)."""
+    s = plan.space.search
+    asha = s.asha
+    return tracking.for_study(
+        parent_run_id,
+        stop_epochs(
+            plan.space.max_t,
+            asha.grace_period if asha else None,
+            asha.reduction_factor if asha else None,
+        ),
+    )
 
 
 def study_line(study: Study, summary: dict[str, Any], finals: dict[int, dict[str, Any]]) -> str:
@@ -426,13 +481,7 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
         exp.write_json(PLAN, plan.to_json())
         out(f"experiment: {exp.root}")
         dataset_ref = ray.put(dataset)
-        pretrain = pretrain_all(plan, dataset, dataset_ref, out)
-        if tracking is not None:
-            tracking = log_pretraining(
-                tracking,
-                {s: resolve_trial_config(sp.trial_raw(sp.studies()[0], s)) for s in pretrain},
-                {s: json.loads(ray.get(ref).files["meta.json"]) for s, ref in pretrain.items()},
-            )
+        pretrain, tracking = pretrain_all(plan, dataset, dataset_ref, out, tracking)
         ok = True
         for study in sp.studies():
             parent = None
@@ -447,13 +496,19 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 cache_dir=None if storage.is_s3(exp.root) else exp.pretrain_cache,
                 experiment_dir=exp.root,
                 resources=sp.resources,
-                tracking=tracking.for_study(parent) if tracking is not None else None,
+                tracking=study_tracking(plan, tracking, parent) if tracking is not None else None,
             )
-            summary = search_study(plan, study, ctx, out)
-            exp.write_search(study.name, summary)
-            finals: dict[int, dict[str, Any]] = {}
-            if summary["best"] is not None:
-                finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out)
+            try:
+                summary = search_study(plan, study, ctx, out)
+                exp.write_search(study.name, summary)
+                finals: dict[int, dict[str, Any]] = {}
+                if summary["best"] is not None:
+                    finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out)
+            except BaseException:
+                if parent is not None:  # an interrupted or failed study: not left RUNNING
+                    with contextlib.suppress(Exception):  # the original error matters more
+                        tracker.close_run(parent, "FAILED")
+                raise
             ok = ok and bool(finals)
             tables.write(exp)
             if parent is not None:

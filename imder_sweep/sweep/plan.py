@@ -117,12 +117,13 @@ def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
     )
 
 
-def check_tracking_uri(uri: str) -> str:
+def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> str:
+    """`uri` if MLflow can take its scheme; `where` names its origin in the error."""
     scheme = urlparse(uri).scheme
     # A Windows drive letter parses as a one-letter scheme.
     if len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
         raise ConfigError(
-            f"--tracking-uri {uri!r}: unsupported scheme {scheme!r}; use a path to a .db file, "
+            f"{where} {uri!r}: unsupported scheme {scheme!r}; use a path to a .db file, "
             "sqlite:///..., http(s)://host:port or another MLflow backend store URI"
         )
     return uri
@@ -181,7 +182,9 @@ def make_plan(
         tracking_uri=(
             resolve_tracking_uri(
                 check_tracking_uri(tracking_uri) if tracking_uri else None,
-                check_tracking_uri(space.file.tracking_uri) if space.file.tracking_uri else None,
+                check_tracking_uri(space.file.tracking_uri, f"{origin}: tracking_uri")
+                if space.file.tracking_uri
+                else None,
             )
             if tracking
             else None

@@ -3,28 +3,34 @@
 One experiment per sweep; one parent run per study; one child run per search trial
 (`<study>-trial-<trial id>`) and per final seed (`<study>-final-seed<k>`), nested by the
 `mlflow.parentRunId` tag; one run per pretraining checkpoint, referenced by the trials that reuse
-it. Per-epoch metrics are logged from inside the trial (rank 0 only) before Tune sees them.
-A search trial's artifacts come from its best checkpoint after the search (Tune may end a trial's
-process right after its last report), so ASHA-stopped trials get theirs too; the driver then
-closes every trial run.
+it. Per-epoch metrics are logged from inside the trial (rank 0 only) before Tune sees them, and
+flushed before every report after which Tune may end the trial (ASHA rungs, max_t, the loop's
+last epoch). A search trial's run is closed by a driver-side Tune callback as soon as Tune ends
+the trial (ASHA stops end the process before it could); its artifacts come from its best
+checkpoint after the search, so ASHA-stopped trials get theirs too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from ray.tune import Callback
 
-from imder_sweep.tracking import Tracker, flatten_params, trial_tags
+from imder_sweep.sweep.progress import trial_state
+from imder_sweep.tracking import MlflowReporter, Tracker, flatten_params, trial_tags
 from imder_sweep.train.config import TrialConfig
 from imder_sweep.train.loop import Reporter
 
 PRETRAIN_RUN_TAG = "imder.pretrain_run_id"
 TRIAL_STATUS_TAG = "imder.trial_status"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,10 @@ class SweepTracking:
     experiment_id: str
     parent_run_id: str = ""  # the study's parent run, set per study
     pretrain_runs: tuple[tuple[int, str], ...] = ()  # (seed, run id)
+    stop_epochs: tuple[int, ...] = ()  # epochs after whose report Tune may end a search trial
 
-    def for_study(self, parent_run_id: str) -> SweepTracking:
-        return replace(self, parent_run_id=parent_run_id)
+    def for_study(self, parent_run_id: str, stop_epochs: Collection[int] = ()) -> SweepTracking:
+        return replace(self, parent_run_id=parent_run_id, stop_epochs=tuple(sorted(stop_epochs)))
 
     @property
     def tracker(self) -> Tracker:
@@ -65,40 +72,72 @@ def final_run_name(study: str, seed: int) -> str:
     return f"{study}-final-seed{seed}"
 
 
-def both(first: Reporter, second: Reporter | None) -> Reporter:
-    """Call `first` (MLflow: logged before Tune may end the trial) then `second`."""
+def stop_epochs(max_t: int, grace_period: int | None, reduction_factor: float | None) -> set[int]:
+    """The epochs after whose report Tune may end a search trial: ASHA's rungs (grace_period *
+    reduction_factor**k, a superset of Ray's) and max_t."""
+    epochs = {max_t}
+    if grace_period and reduction_factor and reduction_factor > 1:
+        rung = float(grace_period)
+        while rung <= max_t:
+            epochs.add(int(rung))
+            rung *= reduction_factor
+    return epochs
+
+
+def logged_first(
+    mlflow: MlflowReporter, second: Reporter | None, last_epoch: int, flush_at: Collection[int]
+) -> Reporter:
+    """Log each row to MLflow, then hand it on (to Tune or Train). Before a report after which
+    Tune may end the trial (an epoch in `flush_at`, or `last_epoch`), metrics that waited for a
+    down server are flushed: Tune ends the process right after, and they would be lost."""
+    flush_at = frozenset(flush_at) | {last_epoch}
 
     def report(stage: str, epoch: int, row: dict[str, float], ckpt: Path | None) -> None:
-        first(stage, epoch, row, ckpt)
-        if second is not None:
-            second(stage, epoch, row, ckpt)
+        mlflow(stage, epoch, row, ckpt)
+        if second is None:
+            return
+        if stage == "train" and epoch in flush_at and mlflow.pending:
+            mlflow.flush()
+        second(stage, epoch, row, ckpt)
 
     return report
 
 
-def log_pretraining(
-    tracking: SweepTracking, configs: dict[int, TrialConfig], metas: dict[int, dict[str, Any]]
-) -> SweepTracking:
-    """One run per pretraining checkpoint, holding its config and best valid metrics."""
+def start_pretrain_runs(
+    tracking: SweepTracking, configs: dict[int, TrialConfig], keys: dict[int, str]
+) -> dict[int, str]:
+    """One run per pretraining checkpoint (seed -> run id), before it is trained: its epochs are
+    logged as it trains, under `pretrain/`."""
     tracker = tracking.tracker
-    runs = []
+    runs = {}
     for seed, cfg in configs.items():
-        meta = metas[seed]
         config = cfg.model_dump(mode="json")
-        run_id = tracker.start_pretrain_run(
+        runs[seed] = tracker.start_pretrain_run(
             tracking.experiment_id,
-            meta["key"],
+            keys[seed],
             flatten_params(config),
             trial_tags(config, study="pretraining", kind="pretrain"),
         )
+    return runs
+
+
+def log_pretraining(
+    tracking: SweepTracking, runs: dict[int, str], metas: dict[int, dict[str, Any]]
+) -> SweepTracking:
+    """Close the pretraining runs with their best valid metrics; trials then reference them."""
+    tracker = tracking.tracker
+    for seed, run_id in runs.items():
+        meta = metas[seed]
         values = {f"valid_{k}": float(v) for k, v in meta.get("valid", {}).items()}
         values.update(
             best_epoch=float(meta.get("best_epoch", 0)), seconds=float(meta.get("seconds", 0.0))
         )
-        tracker.client.log_batch(run_id, metrics=_metrics(values))
+        present = tracker.client.get_run(run_id).data.metrics
+        tracker.client.log_batch(
+            run_id, metrics=[m for m in _metrics(values) if m.key not in present]
+        )
         tracker.close_run(run_id, "FINISHED")
-        runs.append((seed, run_id))
-    return replace(tracking, pretrain_runs=tuple(runs))
+    return replace(tracking, pretrain_runs=tuple(sorted(runs.items())))
 
 
 def _metrics(values: dict[str, float]) -> list[Any]:
@@ -146,3 +185,33 @@ def search_trial_artifacts(
     tracker.set_tags(run_id, {TRIAL_STATUS_TAG: status})
     tracker.close_run(run_id, "FAILED" if status == "error" else "FINISHED")
     return run_id
+
+
+class CloseTrialRuns(Callback):
+    """Driver-side: close a search trial's run as soon as Tune ends the trial. An ASHA-stopped
+    trial's process is ended right after its report, before it could close its own run; the
+    run's `imder.trial_status` tag says how it ended (finished, asha-stopped, error)."""
+
+    def __init__(self, tracking: SweepTracking, study: str) -> None:
+        self.tracking, self.study = tracking, study
+
+    def _close(self, trial: Any, status: str, run_status: str) -> None:
+        try:
+            tracker = self.tracking.tracker
+            run_id = tracker.find_child_run(
+                self.tracking.experiment_id,
+                self.tracking.parent_run_id,
+                trial_run_name(self.study, trial.trial_id),
+            )
+            if run_id is not None:
+                tracker.set_tags(run_id, {TRIAL_STATUS_TAG: status})
+                tracker.close_run(run_id, run_status)
+        except Exception as exc:  # the sweep goes on; the driver closes the run after the search
+            log.warning("tracking: could not close the run of trial %s: %s", trial.trial_id, exc)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        state = trial_state("TERMINATED", trial.last_result or {})
+        self._close(trial, "asha-stopped" if state == "STOPPED" else "terminated", "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "error", "FAILED")

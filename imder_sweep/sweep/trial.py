@@ -27,7 +27,13 @@ import torch
 
 from imder_sweep.data import MultimodalDataset, storage
 from imder_sweep.sweep.space import Resources, nest
-from imder_sweep.sweep.tracked import SweepTracking, both, final_run_name, trial_run_name
+from imder_sweep.sweep.tracked import (
+    SweepTracking,
+    final_run_name,
+    logged_first,
+    trial_run_name,
+)
+from imder_sweep.tracking import MlflowReporter
 from imder_sweep.train.config import TrialConfig, resolve_trial_config
 from imder_sweep.train.loop import (
     DataParallel,
@@ -78,12 +84,20 @@ class TrialContext:
         return resolve_trial_config(self.raw, origin=self.origin, overrides=overrides)
 
 
-def pretrain_blob(raw: dict[str, Any], dataset: MultimodalDataset, threads: int) -> PretrainBlob:
-    """Stage (a) for one (dataset, seed): the body of the driver's pretraining tasks."""
+def pretrain_blob(
+    raw: dict[str, Any],
+    dataset: MultimodalDataset,
+    threads: int,
+    reporter: MlflowReporter | None = None,
+) -> PretrainBlob:
+    """Stage (a) for one (dataset, seed): the body of the driver's pretraining tasks; with
+    `reporter`, its epochs go to the pretraining run."""
     torch.set_num_threads(threads)
     cfg = resolve_trial_config(raw, origin="pretraining")
     with tempfile.TemporaryDirectory(prefix="imder-pretrain-") as tmp:
-        path, _ = run_pretrain(cfg, dataset, Path(tmp))
+        path, _ = run_pretrain(cfg, dataset, Path(tmp), reporter)
+        if reporter is not None:
+            reporter.flush()
         return PretrainBlob(
             pretrain_key(cfg, dataset.checksum),
             {name: (path.parent / name).read_bytes() for name in PRETRAIN_FILES},
@@ -178,8 +192,9 @@ def run_in_process(
     cache = _cache_for(ctx, cfg.seed)
     reporter = EpochReporter(cfg, send) if send else None
     run_id = _start_run(ctx, cfg, final=evaluate_test, trial_id=trial_id)
-    if run_id is not None:
-        reporter = both(ctx.tracking.tracker.reporter(run_id), reporter)
+    mlflow = _mlflow(ctx, run_id)
+    if mlflow is not None:
+        reporter = logged_first(mlflow, reporter, cfg.train.epochs, ctx.tracking.stop_epochs)
     with tempfile.TemporaryDirectory(prefix="imder-trial-") as tmp:
         out = Path(tmp)
         result = run_trial(
@@ -190,12 +205,21 @@ def run_in_process(
             reporter=reporter,
             resume_state=_restore(checkpoint, out),
             evaluate_test=evaluate_test,
-            export_recovered=run_id is not None and evaluate_test,
+            export_recovered=mlflow is not None and evaluate_test,
         )
         _keep(out, keep)
-        if run_id is not None and evaluate_test:
-            _log_final(ctx, run_id, out)
+        if mlflow is not None:
+            mlflow.flush()
+            if evaluate_test:
+                _log_final(ctx, mlflow.run_id, out)
     return result
+
+
+def _mlflow(ctx: TrialContext, run_id: str | None) -> MlflowReporter | None:
+    """The per-epoch MLflow reporter of a run (None without tracking)."""
+    if run_id is None or ctx.tracking is None:
+        return None
+    return ctx.tracking.tracker.reporter(run_id)
 
 
 def _start_run(
@@ -272,8 +296,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_id = (
         _start_run(ctx, cfg, final=final, trial_id=loop_config["trial_id"]) if rank == 0 else None
     )
-    if run_id is not None:
-        reporter = both(ctx.tracking.tracker.reporter(run_id), reporter)
+    mlflow = _mlflow(ctx, run_id)
+    if mlflow is not None:
+        stops = () if final else ctx.tracking.stop_epochs
+        reporter = logged_first(mlflow, reporter, cfg.train.epochs, stops)
     with tempfile.TemporaryDirectory(prefix="imder-worker-") as tmp:
         out = Path(tmp)
         result = run_trial(
@@ -285,10 +311,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             resume_state=_restore(ray.train.get_checkpoint(), out),
             evaluate_test=final,
             parallel=parallel,
-            export_recovered=run_id is not None and final,
+            export_recovered=mlflow is not None and final,
         )
-        if run_id is not None and final:
-            _log_final(ctx, run_id, out)
+        if mlflow is not None:
+            mlflow.flush()
+            if final:
+                _log_final(ctx, mlflow.run_id, out)
         if final:
             # Train keeps the metrics of the latest report with a checkpoint as the run's
             # result, so rank 0 attaches one (the result itself, small).
