@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,9 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
     from imder_sweep.data import load_dataset
     from imder_sweep.sweep import driver
     from imder_sweep.sweep.plan import make_plan
+    from imder_sweep.sweep.space import Resources
     from imder_sweep.sweep.tracked import SweepTracking
-    from imder_sweep.sweep.trial import TrialContext
+    from imder_sweep.sweep.trial import TrialContext, final_run
     from imder_sweep.tracking import Tracker
 
     space = small_demo_space(
@@ -191,6 +193,18 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
         assert (tmp_path / "two" / "train-runs" / f"mr0.3-{trial['trial_id']}").is_dir()
         finals = driver.final_evaluation(plan, study, ctx, summary["best"]["params"], print)
         assert set(finals[0]["test"]) >= {"acc2", "f1", "acc7"}
+        # Two DDP workers of 16 = one process with the global batch of 32: same noise per
+        # sample, averaged gradients, masks fixed per sample (the demo has no dropout).
+        one = replace(ctx, resources=Resources(workers=1), tracking=None)
+        alone = final_run(one, summary["best"]["params"], 0, keep=str(tmp_path / "alone"))
+        two = finals[0]
+        assert two["best_epoch"] == alone["best_epoch"]
+        for split in ("valid", "test"):
+            for metric in ("mae", "corr", "loss"):
+                assert two[split][metric] == pytest.approx(alone[split][metric], rel=1e-3), (
+                    split,
+                    metric,
+                )
         assert (tmp_path / "two" / "final" / "mr0.3" / "seed0" / "best.pt").exists()
         client = tracker.client
         for name in (f"mr0.3-trial-{trial['trial_id']}", "mr0.3-final-seed0"):

@@ -269,3 +269,34 @@ def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
     except BotoCoreError as exc:
         raise _s3_error(exc, uri) from exc
     return False
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL of the standard AWS environment (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def ray_storage(root: str) -> tuple[str, Any]:
+    """`(storage_path, storage_filesystem)` for Ray Tune and Train runs under `root`.
+
+    A local directory goes as it is (no filesystem). `s3://bucket/prefix` becomes `bucket/prefix`
+    with a pyarrow S3 filesystem for the endpoint of the standard AWS environment and standard
+    retries; credentials are left to the AWS chain (environment, instance role), never passed in,
+    because Ray pickles the filesystem into the experiment state it stores in the bucket.
+    """
+    if not is_s3(root):
+        return root, None
+    from urllib.parse import urlsplit
+
+    from pyarrow import fs
+
+    bucket, key = split_s3(root)
+    options: dict[str, Any] = {
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    }
+    if endpoint := s3_endpoint():
+        url = urlsplit(endpoint)
+        options.update(endpoint_override=url.netloc or url.path, scheme=url.scheme or "https")
+    if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        options["region"] = region
+    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**options)

@@ -149,18 +149,27 @@ class IMDer(nn.Module):
         return res.x, res.nfe
 
     def forward(
-        self, inputs: dict[str, Tensor], mask: Tensor, generator: torch.Generator | None = None
+        self,
+        inputs: dict[str, Tensor],
+        mask: Tensor,
+        generator: torch.Generator | None = None,
+        positions: tuple[int, Tensor] | None = None,
     ) -> IMDerOutput:
         """inputs: modality -> (B, L, D_k); mask: (B, 3) bool, True = available (l, a, v).
 
         Returns the prediction, the per-example L_score and L_rec over missing modalities (eqs.
         17, 18) and the recovered features. The sampler never carries gradients; D_k, the pair
         convs and the score nets learn through L_rec, the task loss and L_score.
+
+        `positions` = (N, rows): this batch is rows `rows` (B,) of a batch of N whose noise
+        `generator` describes, e.g. one data-parallel rank's share of the global batch; every
+        sample then gets exactly the noise it gets when the whole batch runs in one process.
         """
         mask = mask.to(torch.bool)
         feats = self.encode(inputs)
         B = mask.shape[0]
         device = mask.device
+        full, where = positions or (B, torch.arange(B, device=device))
         zeros = torch.zeros(B, device=device)
         out = IMDerOutput(
             pred=zeros, loss_score=zeros.clone(), loss_rec=zeros.clone(), features=feats
@@ -183,7 +192,12 @@ class IMDer(nn.Module):
             if rows.numel() == 0:
                 continue
             filled, loss_score, loss_rec, nfe = self._recover(
-                m, feats, mask, rows, seeds[k] if seeds else None
+                m,
+                feats,
+                mask,
+                rows,
+                seeds[k] if seeds else None,
+                (full, where.index_select(0, rows)),
             )
             out.nfe += nfe
             out.recovered[m], out.recovered_rows[m] = filled, rows
@@ -194,11 +208,19 @@ class IMDer(nn.Module):
         return out
 
     def _recover(
-        self, m: str, feats: dict[str, Tensor], mask: Tensor, rows: Tensor, seed: int | None
+        self,
+        m: str,
+        feats: dict[str, Tensor],
+        mask: Tensor,
+        rows: Tensor,
+        seed: int | None,
+        noise_rows: tuple[int, Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Recovered features, per-row L_score and L_rec, and NFE for modality m at `rows`."""
+        """Recovered features, per-row L_score and L_rec, and NFE for modality m at `rows`;
+        `noise_rows` = (N, where): their rows in the batch of N that the noise stream draws."""
         mode = self.cfg.recovery
-        n, B = rows.numel(), mask.shape[0]
+        n = rows.numel()
+        full, where = noise_rows
         truth = feats[m].index_select(0, rows)  # (n, d, L')
         zero = truth.new_zeros(n)
         if mode == "zero":
@@ -212,14 +234,14 @@ class IMDer(nn.Module):
         gen, draw = None, None
         if seed is not None:
             gen = torch.Generator(device=truth.device).manual_seed(seed)
-            draw = _RowNoise(gen, B, rows)
+            draw = _RowNoise(gen, full, where)
         draw = draw or _plain_noise
         loss_score = zero
         if self.training:
             t = (
                 sample_time(
-                    B, self.cfg.score_loss.t_eps, device=truth.device, generator=gen
-                ).index_select(0, rows)
+                    full, self.cfg.score_loss.t_eps, device=truth.device, generator=gen
+                ).index_select(0, where)
                 if gen is not None
                 else sample_time(n, self.cfg.score_loss.t_eps, device=truth.device)
             )

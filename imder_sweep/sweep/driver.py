@@ -26,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from imder_sweep.data import MultimodalDataset, load_dataset, storage
+from imder_sweep.data.cache import NodeCachedDataset
 from imder_sweep.sweep import tables
 from imder_sweep.sweep.experiment import PLAN
 from imder_sweep.sweep.plan import Plan
@@ -131,7 +132,7 @@ def unschedulable(resources: Resources, cluster: dict[str, float]) -> str | None
 def pretrain_all(
     plan: Plan,
     dataset: MultimodalDataset,
-    dataset_ref: ray.ObjectRef,
+    data: ray.ObjectRef | NodeCachedDataset,
     out: Out,
     tracking: SweepTracking | None = None,
 ) -> tuple[dict[int, ray.ObjectRef], SweepTracking | None]:
@@ -162,7 +163,7 @@ def pretrain_all(
             reporter = None
             if seed in runs:
                 reporter = MlflowReporter(tracking.uri, runs[seed], pretrain_run_id=runs[seed])
-            launched[seed] = task.remote(raws[seed], dataset_ref, r.threads, reporter)
+            launched[seed] = task.remote(raws[seed], data, r.threads, reporter)
     for seed, ref in launched.items():
         blob = ray.get(ref)
         where = storage.join(exp.pretrain_cache, f"pretrain-{blob.key}")
@@ -267,6 +268,7 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
     ]
     if ctx.tracking is not None:
         callbacks.append(CloseTrialRuns(ctx.tracking, study.name))
+    storage_path, filesystem = storage.ray_storage(plan.experiment_dir.root)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -282,10 +284,12 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
         ),
         run_config=tune.RunConfig(
             name=study.name,
-            storage_path=plan.experiment_dir.root,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             verbose=0,
             callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
         ),
     )
     t0 = time.perf_counter()
@@ -451,11 +455,15 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
     t_start = time.perf_counter()
     sp = plan.space
     exp = plan.experiment_dir
-    dataset = load_dataset(
-        plan.data_source,
-        allow_pickle=plan.allow_pickle,
-        expected_dims=sp.trial_config(sp.studies()[0], {}).model.dims,
-    )
+    dims = sp.trial_config(sp.studies()[0], {}).model.dims
+    if storage.is_s3(plan.data_source):
+        # Every node reads S3 data into its own cache; the driver's copy sets the checksum.
+        cached, dataset = NodeCachedDataset.open(
+            plan.data_source, allow_pickle=plan.allow_pickle, expected_dims=dims
+        )
+    else:
+        cached = None
+        dataset = load_dataset(plan.data_source, allow_pickle=plan.allow_pickle, expected_dims=dims)
     out(
         f"data: {plan.data_source} ({dataset.name}, {dataset.sizes}, "
         f"{dataset_bytes(dataset) / 2**20:.1f} MiB)"
@@ -480,8 +488,8 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
             out(f"warning: {problem}; trials wait until the cluster scales up")
         exp.write_json(PLAN, plan.to_json())
         out(f"experiment: {exp.root}")
-        dataset_ref = ray.put(dataset)
-        pretrain, tracking = pretrain_all(plan, dataset, dataset_ref, out, tracking)
+        data = cached or ray.put(dataset)
+        pretrain, tracking = pretrain_all(plan, dataset, data, out, tracking)
         ok = True
         for study in sp.studies():
             parent = None
@@ -491,12 +499,13 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 study=study.name,
                 raw=sp.trial_raw(study),
                 origin=sp.path,
-                dataset=dataset_ref,
+                dataset=data,
                 pretrain=pretrain,
                 cache_dir=None if storage.is_s3(exp.root) else exp.pretrain_cache,
                 experiment_dir=exp.root,
                 resources=sp.resources,
                 tracking=study_tracking(plan, tracking, parent) if tracking is not None else None,
+                max_failures=sp.search.max_failures,
             )
             try:
                 summary = search_study(plan, study, ctx, out)

@@ -270,6 +270,8 @@ class Search(_Strict):
     asha: Asha | None = Asha()
     metric: str = "valid_loss"
     mode: Literal["min", "max"] | None = None  # default: min for loss and mae, else max
+    # A trial whose process or node dies is restarted from its last checkpoint this many times.
+    max_failures: int = Field(2, ge=0)
 
     @field_validator("metric")
     @classmethod
@@ -555,6 +557,14 @@ def validate_space(file: SpaceFile, origin: str) -> None:
     # The fixed part alone, for every study: errors name the fixed section.
     for study in studies:
         space.trial_config(study, {}, origin=f"{origin}: fixed (study {study.name})")
+    workers = file.resources.workers
+    for study in studies:
+        batch = space.trial_config(study, {}).train.batch_size
+        if batch % workers:
+            raise ConfigError(
+                f"{origin}: train.batch_size: {batch} is not divisible by resources.workers="
+                f"{workers} (batch_size is the global batch, split evenly across workers)"
+            )
     if file.search.asha is not None and file.search.asha.grace_period > space.max_t:
         raise ConfigError(
             f"{origin}: search.asha.grace_period: {file.search.asha.grace_period} is beyond "

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from imder_sweep.data import MultimodalDataset, storage
+from imder_sweep.data.cache import NodeCachedDataset
 from imder_sweep.sweep.space import Resources, nest
 from imder_sweep.sweep.tracked import (
     SweepTracking,
@@ -66,12 +67,13 @@ class TrialContext:
     study: str
     raw: dict[str, Any]  # the study's raw trial config, searched values not merged in
     origin: str  # the space file, for error messages
-    dataset: ray.ObjectRef  # the MultimodalDataset, put into the object store once
+    dataset: ray.ObjectRef | NodeCachedDataset  # object store copy, or S3 via the node cache
     pretrain: dict[int, ray.ObjectRef]  # seed -> PretrainBlob
     cache_dir: str | None  # pretraining cache the trials share; None: a node-local temp dir
     experiment_dir: str  # local path or s3:// URI
     resources: Resources
     tracking: SweepTracking | None = None  # MLflow, with this study's parent run
+    max_failures: int = 2  # restarts of a Train run whose worker or node died
 
     def config(
         self, params: dict[str, Any], seed: int | None = None, device: str | None = None
@@ -84,15 +86,32 @@ class TrialContext:
         return resolve_trial_config(self.raw, origin=self.origin, overrides=overrides)
 
 
+_LOADED: dict[tuple[str, str], MultimodalDataset] = {}
+
+
+def get_dataset(data: MultimodalDataset | NodeCachedDataset | ray.ObjectRef) -> MultimodalDataset:
+    """The dataset of a trial or task: S3 data from this node's cache (loaded once per process,
+    which serves several trials when Tune reuses it), anything else from the object store."""
+    if isinstance(data, NodeCachedDataset):
+        key = (data.source, data.checksum)
+        if key not in _LOADED:
+            _LOADED[key] = data.load()
+        return _LOADED[key]
+    if isinstance(data, MultimodalDataset):  # a task argument Ray has already resolved
+        return data
+    return ray.get(data)
+
+
 def pretrain_blob(
     raw: dict[str, Any],
-    dataset: MultimodalDataset,
+    data: MultimodalDataset | NodeCachedDataset,
     threads: int,
     reporter: MlflowReporter | None = None,
 ) -> PretrainBlob:
     """Stage (a) for one (dataset, seed): the body of the driver's pretraining tasks; with
     `reporter`, its epochs go to the pretraining run."""
     torch.set_num_threads(threads)
+    dataset = get_dataset(data)
     cfg = resolve_trial_config(raw, origin="pretraining")
     with tempfile.TemporaryDirectory(prefix="imder-pretrain-") as tmp:
         path, _ = run_pretrain(cfg, dataset, Path(tmp), reporter)
@@ -153,6 +172,8 @@ class EpochReporter:
 def _tune_send(metrics: dict[str, Any], ckpt: Path | None) -> None:
     from ray import tune
 
+    # Which node ran the epoch (two nodes on one host share an IP address).
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt) if ckpt else None)
 
 
@@ -188,7 +209,7 @@ def run_in_process(
     """One trial in this process: the one-worker case, and the final runs' tasks."""
     torch.set_num_threads(ctx.resources.threads)
     cfg = ctx.config(params, seed)
-    dataset = ray.get(ctx.dataset)
+    dataset = get_dataset(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
     reporter = EpochReporter(cfg, send) if send else None
     run_id = _start_run(ctx, cfg, final=evaluate_test, trial_id=trial_id)
@@ -289,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     parallel = DataParallel(rank, world, wrap) if world > 1 else None
-    dataset = ray.get(ctx.dataset)
+    dataset = get_dataset(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
     reporter = EpochReporter(cfg, send, world)
     # Only rank 0 logs to MLflow.
@@ -338,7 +359,7 @@ def fit_torch_trainer(
     keep: str | None = None,
 ) -> Any:
     """Run one search trial (`in_tune`) or one final run as a TorchTrainer."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = ctx.resources
@@ -357,6 +378,7 @@ def fit_torch_trainer(
     per_worker = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker:
         per_worker["GPU"] = r.gpus_per_worker
+    storage_path, filesystem = storage.ray_storage(storage.join(ctx.experiment_dir, "train-runs"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -372,9 +394,11 @@ def fit_torch_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage.join(ctx.experiment_dir, "train-runs"),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
         ),
     )
     return trainer.fit()

@@ -34,7 +34,7 @@ from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
 from imder_sweep.protocols import realised_mr, split_masks
-from imder_sweep.train.config import TrialConfig
+from imder_sweep.train.config import ConfigError, TrialConfig
 
 SPLITS = ("train", "valid", "test")
 # Modules stage (a) trains; stage (b) starts from them.
@@ -80,9 +80,24 @@ class DataParallel:
 
     def shard(self, order: Tensor) -> Tensor:
         # The same number of batches on every rank: the last len(order) % world_size samples of
-        # this epoch's order are left out (a different few each epoch).
+        # this epoch's order are left out (a different few each epoch). Rank r's i-th sample of
+        # its k-th batch is sample r + world_size * i of the k-th global batch.
         usable = len(order) // self.world_size * self.world_size
         return order[self.rank : usable : self.world_size]
+
+    def reduce(self, metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Training metrics of the whole global batch stream: per-sample means averaged over
+        ranks (every rank saw as many samples), NFE summed. `device`: the model's (NCCL
+        reduces GPU tensors only)."""
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        return {
+            k: float(v) if k == "nfe" else float(v) / self.world_size
+            for k, v in zip(keys, values.tolist(), strict=True)
+        }
 
 
 @dataclass
@@ -223,33 +238,47 @@ def _trainable(model: IMDer) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def train_generator_seed(seed: int, epoch: int, batch: int) -> int:
+    """Sampling noise of global batch `batch` of `epoch`: fixed by the seed, so a resumed run
+    and any number of data-parallel ranks draw what one uninterrupted process draws."""
+    return (seed * 1_000_003 + epoch) * 1_000_033 + batch + 1
+
+
 def train_epoch(
     model: IMDer,
     opt: torch.optim.Optimizer,
     data: SplitData,
     cfg: TrialConfig,
     order: Tensor,
+    epoch: int,
     forward: torch.nn.Module | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict[str, float]:
     """One pass over `data` in `order`; returns mean losses and the sampler NFE spent.
 
-    `forward` (default `model`) runs the forward pass, e.g. a DDP wrapper of `model`."""
+    `forward` (default `model`) runs the forward pass, e.g. a DDP wrapper of `model`. With
+    `parallel`, `order` is this rank's shard and `train.batch_size` the global batch: each rank
+    takes batch_size / world_size samples per step, with their noise in the global batch."""
     model.train()
     sums = {"loss": 0.0, "task": 0.0, "score": 0.0, "rec": 0.0}
     nfe, seen = 0, 0
     params = _trainable(model)
-    bs = cfg.train.batch_size
-    for start in range(0, len(order), bs):
-        idx = order[start : start + bs].to(data.labels.device)
+    rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
+    bs = cfg.train.batch_size // world
+    device = data.labels.device
+    for k, start in enumerate(range(0, len(order), bs)):
+        idx = order[start : start + bs].to(device)
         inputs, labels, masks = data.batch(idx)
-        out = (forward or model)(inputs, masks)
+        gen = torch.Generator(device=device).manual_seed(train_generator_seed(cfg.seed, epoch, k))
+        n = int(labels.shape[0])
+        where = rank + world * torch.arange(n, device=device)
+        out = (forward or model)(inputs, masks, generator=gen, positions=(world * n, where))
         loss, parts = model.loss(out, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(params, cfg.train.grad_clip)
         opt.step()
-        n = int(labels.shape[0])
         seen += n
         nfe += out.nfe
         sums["loss"] += float(loss.detach()) * n
@@ -278,6 +307,11 @@ def fit_stage(
     """Train for up to `epochs`; returns the best state dict (on validation), its valid metrics,
     its epoch, and the per-epoch history."""
     tc = cfg.train
+    if parallel is not None and tc.batch_size % parallel.world_size:
+        raise ConfigError(
+            f"train.batch_size: {tc.batch_size} is not divisible by {parallel.world_size} "
+            "workers (batch_size is the global batch)"
+        )
     opt = torch.optim.Adam(_trainable(model), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience
@@ -308,7 +342,9 @@ def fit_stage(
         order = torch.randperm(len(train), generator=order_gen)
         if parallel is not None:
             order = parallel.shard(order)
-        tr = train_epoch(model, opt, train, cfg, order, forward)
+        tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
+        if parallel is not None:
+            tr = parallel.reduce(tr, train.labels.device)
         va = evaluate(model, valid, eval_bs, cfg.seed, "valid")
         seconds = time.perf_counter() - t0
         sched.step(va["loss"])
