@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,9 +19,7 @@ import pytest
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _free_ports(1)[0]
 
 
 @dataclass
@@ -94,3 +93,116 @@ def s3_server_env(moto_endpoint: str, root: Path) -> dict[str, str]:
         "AWS_CONFIG_FILE": str(root / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
     }
+
+
+def ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the ray CLI and the nodes it starts: our venv first, no token auth, no
+    usage stats, no inherited cluster address."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **(extra or {}),
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class RayNode:
+    """A `ray start --block` process of our own (its own session: killing the group kills the
+    node's raylet and workers)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    gcs: str  # 127.0.0.1:PORT of the cluster's GCS
+    dashboard: str | None = None  # URL, on the head
+
+    def stop(self) -> None:
+        # SIGTERM to `ray start --block` alone (signalling the whole group takes GCS down first
+        # and the drain hangs for 30 s) stops the processes it started.
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """The node dies at once: SIGKILL to every process of its session."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_ray_node(
+    temp: Path,
+    name: str,
+    *,
+    cpus: int,
+    head_gcs: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    dashboard: bool = True,
+) -> RayNode:
+    """`ray start --head` (no `head_gcs`) or a worker joining `head_gcs`, on 127.0.0.1 with
+    free ports and `cpus` CPUs; waits until the head's dashboard answers (head) or returns at
+    once (worker: check `ray.nodes()` for it)."""
+    ports = iter(_free_ports(9))
+    common = [
+        f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+        f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
+        f"--metrics-export-port={next(ports)}", f"--dashboard-agent-listen-port={next(ports)}",
+        f"--dashboard-agent-grpc-port={next(ports)}", f"--runtime-env-agent-port={next(ports)}",
+        f"--object-store-memory={256 * 2**20}",
+    ]  # fmt: skip
+    url = None
+    if head_gcs is None:
+        gcs, dash, client = next(ports), next(ports), next(ports)
+        head_gcs = f"127.0.0.1:{gcs}"
+        url = f"http://127.0.0.1:{dash}"
+        extra = [
+            "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+            f"--temp-dir={temp / 'ray'}", f"--include-dashboard={str(dashboard).lower()}",
+            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        ]  # fmt: skip
+    else:
+        extra = [f"--address={head_gcs}"]
+    log = temp / f"{name}.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [ray_cli(), "start", "--block", *extra, *common],
+            cwd=cwd or temp, env=env or ray_env(), stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    node = RayNode(proc, log, head_gcs, url)
+    if url is None or not dashboard:
+        return node
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited {proc.returncode}: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return node
+        except OSError:
+            if time.monotonic() > deadline:
+                node.kill()
+                pytest.fail(f"no dashboard at {url}: {log.read_text()}")
+            time.sleep(0.5)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -12,21 +12,17 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import servers
 import yaml
 
 from imder_sweep import report
@@ -219,17 +215,6 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
         ray.shutdown()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 def ray_head(ray_env: None) -> Iterator[tuple[str, dict[str, str], Path]]:
     """A `ray start --head --block` of our own: (dashboard URL, env for the ray CLI, its cwd)."""
@@ -237,52 +222,12 @@ def ray_head(ray_env: None) -> Iterator[tuple[str, dict[str, str], Path]]:
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     cwd = temp / "cwd"
     cwd.mkdir()
-    gcs, dash, client, manager, objects, metrics, agent, agent_grpc, runtime_env = _free_ports(9)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-        f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
-        f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--object-store-memory={256 * 2**20}",
-        f"--temp-dir={temp / 'ray'}", "--include-dashboard=true",
-    ]  # fmt: skip
-    log = (temp / "head.log").open("wb")
-    head = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{dash}"
+    env = servers.ray_env()
+    head = servers.start_ray_node(temp, "head", cpus=2, env=env, cwd=cwd)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if head.poll() is not None:
-                pytest.fail(
-                    f"ray start exited {head.returncode}: {(temp / 'head.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no dashboard at {url}: {(temp / 'head.log').read_text()}")
-                time.sleep(0.5)
-        yield url, env, cwd
+        yield str(head.dashboard), env, cwd
     finally:
-        # SIGTERM to `ray start --block` (to it alone: signalling its whole group takes GCS
-        # down first and the drain hangs for 30 s) stops the processes it started.
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
+        head.stop()
         shutil.rmtree(temp, ignore_errors=True)
 
 

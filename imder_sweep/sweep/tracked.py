@@ -154,9 +154,9 @@ def search_trial_artifacts(
 ) -> str | None:
     """After the search: export the trial's best-on-valid checkpoint (valid split only), log the
     recovered features, consistency numbers and pictures, and close its run. A Ray task."""
-    import ray
 
     from imder_sweep.model import IMDer
+    from imder_sweep.sweep.trial import get_dataset  # trial.py imports this module
     from imder_sweep.train.loop import export_recovered_features, prepare_splits, resolve_device
 
     tracking: SweepTracking = ctx.tracking
@@ -174,7 +174,7 @@ def search_trial_artifacts(
             state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
         model = IMDer(cfg.model).to(device)
         model.load_state_dict(state["best_state"])
-        splits = prepare_splits(ray.get(ctx.dataset), cfg, device)
+        splits = prepare_splits(get_dataset(ctx.dataset), cfg, device)
         with tempfile.TemporaryDirectory(prefix="imder-artifacts-") as tmp:
             out = Path(tmp)
             export_recovered_features(model, splits, cfg, out, ("valid",))
