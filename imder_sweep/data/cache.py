@@ -45,39 +45,41 @@ def cache_root() -> Path:
 
 def _objects(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
     """(name, key, size, etag) of the S3 object `uri`, or of the objects directly under it."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     bucket, key = storage.split_s3(uri)
     client = storage.s3_client(endpoint_url)
-    try:
-        if key and not key.endswith("/"):
-            try:
-                head = client.head_object(Bucket=bucket, Key=key)
-            except ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NotFound"):
-                    raise
-            else:
-                name = PurePosixPath(key).name
-                return [
-                    {"name": name, "key": key, "size": head["ContentLength"], "etag": head["ETag"]}
-                ]
+
+    def single() -> list[dict[str, Any]]:
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NotFound"):
+                return []
+            raise
+        name = PurePosixPath(key).name
+        return [{"name": name, "key": key, "size": head["ContentLength"], "etag": head["ETag"]}]
+
+    def listed() -> list[dict[str, Any]]:
         prefix = f"{key.rstrip('/')}/" if key.strip("/") else ""
-        found = []
-        for page in client.get_paginator("list_objects_v2").paginate(
+        pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, Delimiter="/"
-        ):
-            found.extend(
-                {
-                    "name": item["Key"][len(prefix) :],
-                    "key": item["Key"],
-                    "size": item["Size"],
-                    "etag": item["ETag"],
-                }
-                for item in page.get("Contents", [])
-                if item["Key"] != prefix
-            )
-    except (BotoCoreError, ClientError) as exc:
-        raise storage._s3_error(exc, uri) from exc
+        )
+        return [
+            {
+                "name": item["Key"][len(prefix) :],
+                "key": item["Key"],
+                "size": item["Size"],
+                "etag": item["ETag"],
+            }
+            for page in pages
+            for item in page.get("Contents", [])
+            if item["Key"] != prefix
+        ]
+
+    found = (storage.retrying(single, uri) if key and not key.endswith("/") else []) or (
+        storage.retrying(listed, uri)
+    )
     if not found:
         raise DataNotFoundError(f"{uri}: no object or prefix with files on S3")
     return sorted(found, key=lambda o: o["name"])

@@ -3,8 +3,9 @@
 S3 goes through boto3, so endpoint, credentials and region come from the standard AWS
 environment and config files (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` select an S3-compatible
 server); an explicit `endpoint_url` argument wins over them. Requests are retried by botocore's
-"standard" retry mode; a download that breaks mid-stream resumes from where it stopped, because
-one broken connection should not cost a 4 GB MOSEI transfer.
+"standard" retry mode and, while S3 stays unreachable or answers 5xx / throttling, again with
+backoff for up to $IMDER_S3_RETRY_SECONDS (`retrying`); a download that breaks mid-stream resumes
+from where it stopped, because one broken connection should not cost a 4 GB MOSEI transfer.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from imder_sweep.data.dataset import DataAccessError, DataError, DataNotFoundError
 
@@ -81,6 +83,57 @@ def _s3_error(exc: Exception, uri: str) -> DataError:
     return DataAccessError(f"{uri}: cannot read from S3: {exc}")
 
 
+T = TypeVar("T")
+_MULTIPART_BYTES = 64 << 20  # larger objects go up in parts
+_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+RETRY_ENV = "IMDER_S3_RETRY_SECONDS"  # how long S3 may stay unreachable (default 60 s)
+_TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+    "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+}  # fmt: skip
+
+
+def _transient(exc: Exception) -> bool:
+    """S3 unreachable, overloaded or failing on its side: worth another try later."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+    return isinstance(
+        exc,
+        EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError,
+    )
+
+
+def retrying(call: Callable[[], T], uri: str) -> T:
+    """`call()` against S3, tried again with exponential backoff (1, 2, 4 .. 16 s apart) while S3
+    is unreachable or failing on its side, for up to $IMDER_S3_RETRY_SECONDS (default 60);
+    then the DataError naming `uri`. Each try already has botocore's quick retries inside."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    budget = float(os.environ.get(RETRY_ENV) or 60.0)
+    start, delay, tries = time.monotonic(), 1.0, 0
+    while True:
+        tries += 1
+        try:
+            return call()
+        except (BotoCoreError, ClientError) as exc:
+            waited = time.monotonic() - start
+            if not _transient(exc) or waited + delay > budget:
+                error = _s3_error(exc, uri)
+                if _transient(exc):
+                    error = type(error)(f"{error} (gave up after {tries} tries in {waited:.0f} s)")
+                raise error from exc
+            time.sleep(delay)
+            delay = min(2 * delay, 16.0)
+
+
 def _local_error(exc: OSError, uri: str) -> DataError:
     if isinstance(exc, FileNotFoundError):
         return DataNotFoundError(f"{uri}: no such file or directory")
@@ -106,12 +159,10 @@ class _S3RawReader(io.RawIOBase):
         self._pos = 0
 
     def _get(self, **extra: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self._client.get_object(Bucket=self._bucket, Key=self._key, **extra)
-        except (BotoCoreError, ClientError) as exc:
-            raise _s3_error(exc, self._uri) from exc
+        return retrying(
+            lambda: self._client.get_object(Bucket=self._bucket, Key=self._key, **extra),
+            self._uri,
+        )
 
     def readable(self) -> bool:
         return True
@@ -192,13 +243,14 @@ def write_bytes(
     check_supported(uri)
     if is_s3(uri):
         from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = split_s3(uri)
+        client = s3_client(endpoint_url)
+        if len(data) <= _MULTIPART_BYTES:  # one request: its errors say what went wrong
+            retrying(lambda: client.put_object(Bucket=bucket, Key=key, Body=bytes(data)), uri)
+            return
         try:
-            s3_client(endpoint_url).upload_fileobj(io.BytesIO(data), bucket, key)
-        except (BotoCoreError, ClientError) as exc:
-            raise _s3_error(exc, uri) from exc
+            retrying(lambda: client.upload_fileobj(io.BytesIO(data), bucket, key), uri)
         except S3UploadFailedError as exc:
             raise DataAccessError(f"{uri}: upload failed: {exc}") from exc
         return
@@ -227,18 +279,18 @@ def list_files(uri: str, *, endpoint_url: str | None = None) -> list[str]:
             return sorted(p.name for p in path.iterdir() if p.is_file())
         except OSError as exc:
             raise _local_error(exc, uri) from exc
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(uri)
     prefix = f"{key.rstrip('/')}/" if key.strip("/") else ""
-    names: list[str] = []
-    try:
+
+    def names() -> list[str]:
         pages = s3_client(endpoint_url).get_paginator("list_objects_v2")
-        for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            names.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
-    except (BotoCoreError, ClientError) as exc:
-        raise _s3_error(exc, uri) from exc
-    return sorted(n for n in names if n)
+        return [
+            item["Key"][len(prefix) :]
+            for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for item in page.get("Contents", [])
+        ]
+
+    return sorted(n for n in retrying(names, uri) if n)
 
 
 def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
@@ -246,28 +298,26 @@ def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
     check_supported(uri)
     if not is_s3(uri):
         return Path(uri).exists()
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
     client = s3_client(endpoint_url)
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
-            raise _s3_error(exc, uri) from exc
-    except BotoCoreError as exc:
-        raise _s3_error(exc, uri) from exc
-    else:
+
+    def head(call: Callable[[], object]) -> bool:
+        """True if `call` found it, False on a 404 (other errors raise)."""
+        try:
+            call()
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
+                return False
+            raise
+        return True
+
+    if retrying(lambda: head(lambda: client.head_object(Bucket=bucket, Key=key)), uri):
         return True
     # HEAD gives a bare 404 for a missing bucket too; tell the two apart.
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-            raise DataNotFoundError(f"{uri}: bucket {bucket!r} does not exist") from exc
-        raise _s3_error(exc, uri) from exc
-    except BotoCoreError as exc:
-        raise _s3_error(exc, uri) from exc
+    if not retrying(lambda: head(lambda: client.head_bucket(Bucket=bucket)), uri):
+        raise DataNotFoundError(f"{uri}: bucket {bucket!r} does not exist")
     return False
 
 
