@@ -176,3 +176,25 @@ def test_train_worker_killed_mid_trial(tmp_path: Path) -> None:
     epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
     assert epochs == list(range(1, 7)), text[-3000:]
     _every_epoch_once(MlflowClient(env["MLFLOW_TRACKING_URI"]), "killed", epochs=6)
+
+
+def test_result_files_are_whole_after_a_crash(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves each result file complete: the old or the new one."""
+    target = tmp_path / "results" / "metrics.json"
+    script = (
+        "import itertools, sys\n"
+        "from imder_sweep.data import storage\n"
+        "for i in itertools.count():\n"
+        "    storage.write_bytes(sys.argv[1], bytes([65 + i % 26]) * (32 << 20))\n"
+        "    print(i, flush=True)\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    writer.stdout.readline()  # one whole version is there
+    time.sleep(0.05)  # the kill lands in the middle of a later write
+    writer.kill()
+    writer.wait()
+    data = target.read_bytes()
+    assert len(data) == 32 << 20 and data.count(data[:1]) == len(data)

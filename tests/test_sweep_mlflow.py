@@ -157,6 +157,11 @@ def test_runs_nest_under_one_parent_per_study(sweep: dict) -> None:
             assert run.data.tags["mlflow.parentRunId"] == parents[study]
             assert run.info.status == "FINISHED"  # none left RUNNING
             assert run.data.tags["imder.pretrain_run_id"] in pretrain_runs
+            # What it takes to rerun it: data checksum, code revision, package versions.
+            checksum = finals[study][0]["pretrain"]["data_checksum"]
+            assert run.data.tags["imder.data_sha256"] == checksum
+            assert run.data.tags["mlflow.source.git.commit"]
+            assert {"imder.version.torch", "imder.version.ray"} <= set(run.data.tags)
     for study, summary in searches.items():
         trials = {
             r.info.run_name: r for r in by_kind["trial"] if r.data.tags["imder.study"] == study

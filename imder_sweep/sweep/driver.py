@@ -219,7 +219,12 @@ def summarise_search(
     return {"metric": metric, "mode": mode, "max_t": max_t, "trials": trials, "best": best}
 
 
-def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[str, Any]:
+def search_study(
+    plan: Plan, study: Study, ctx: TrialContext, out: Out, *, resume: bool = False
+) -> dict[str, Any]:
+    """One study's search (a Tuner). With `resume`, a search interrupted earlier goes on from
+    Tune's saved state: finished trials are kept, unfinished ones continue from their last
+    checkpoint, and the Optuna searcher is restored with what it had learned."""
     sp = plan.space
     s, r = sp.search, sp.resources
     sampler = (
@@ -269,29 +274,38 @@ def search_study(plan: Plan, study: Study, ctx: TrialContext, out: Out) -> dict[
     if ctx.tracking is not None:
         callbacks.append(CloseTrialRuns(ctx.tracking, study.name))
     storage_path, filesystem = storage.ray_storage(plan.experiment_dir.root)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=s.num_samples,
-            # Without it Tune keeps a single pending trial for a custom searcher.
-            max_concurrent_trials=s.max_concurrent,
-            # A trial process that has imported torch and mapped the dataset serves the next
-            # trial (when the previous one has wound down), saving seconds per trial.
-            reuse_actors=r.launcher == "function",
-            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
-        ),
-        run_config=tune.RunConfig(
-            name=study.name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            verbose=0,
-            callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        ),
-    )
+    saved = f"{storage_path}/{study.name}"
+    if resume and tune.Tuner.can_restore(saved, storage_filesystem=filesystem):
+        # The searcher, scheduler, callbacks and configs come back from the saved state; the
+        # trainable is this driver's (its context holds this session's object refs).
+        out(f"[{study.name}] resuming the search saved in {plan.experiment_dir.path(study.name)}")
+        tuner = tune.Tuner.restore(
+            saved, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=s.num_samples,
+                # Without it Tune keeps a single pending trial for a custom searcher.
+                max_concurrent_trials=s.max_concurrent,
+                # A trial process that has imported torch and mapped the dataset serves the
+                # next trial (when the previous one has wound down), saving seconds per trial.
+                reuse_actors=r.launcher == "function",
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=study.name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                verbose=0,
+                callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            ),
+        )
     t0 = time.perf_counter()
     grid = tuner.fit()
     summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
@@ -331,18 +345,26 @@ def log_search(
 
 
 def final_evaluation(
-    plan: Plan, study: Study, ctx: TrialContext, params: dict[str, Any], out: Out
+    plan: Plan,
+    study: Study,
+    ctx: TrialContext,
+    params: dict[str, Any],
+    out: Out,
+    done: dict[int, dict[str, Any]] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Retrain the chosen configuration over the final seeds, at most max_concurrent at once."""
+    """Retrain the chosen configuration over the final seeds, at most max_concurrent at once;
+    seeds in `done` (results of an interrupted run) are kept, not rerun."""
     r, exp = plan.space.resources, plan.experiment_dir
     task = ray.remote(final_run)
     if r.launcher == "function":
         options: dict[str, Any] = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker}
     else:  # the task only drives a TorchTrainer, whose workers hold the resources
         options = {"num_cpus": 0}
-    seeds = list(plan.space.final_seeds)
+    results: dict[int, dict[str, Any]] = dict(done or {})
+    seeds = [seed for seed in plan.space.final_seeds if seed not in results]
+    if results:
+        out(f"[{study.name}] final seeds {sorted(results)} finished before: kept")
     running: dict[ray.ObjectRef, int] = {}
-    results: dict[int, dict[str, Any]] = {}
     started = {}
     while seeds or running:
         while seeds and len(running) < plan.space.search.max_concurrent:
@@ -450,8 +472,9 @@ def log_summary(tracker: Tracker, experiment_id: str, exp: Any) -> None:
         tracker.log_summary_run(experiment_id, csv_path, md_path, points)
 
 
-def run(plan: Plan, address: str | None, out: Out = emit) -> int:
-    """The whole sweep; returns 0 if every study has final results, 1 otherwise."""
+def run(plan: Plan, address: str | None, out: Out = emit, *, resume: bool = False) -> int:
+    """The whole sweep; returns 0 if every study has final results, 1 otherwise. With `resume`,
+    the experiment's finished searches and final seeds are kept and the rest goes on."""
     t_start = time.perf_counter()
     sp = plan.space
     exp = plan.experiment_dir
@@ -480,14 +503,20 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 plan.tracking_uri, sum(1 for n in ray.nodes() if n.get("Alive"))
             )
             tracker = Tracker(plan.tracking_uri)
-            tracking = SweepTracking(plan.tracking_uri, tracker.start_experiment(plan.experiment))
+            tracking = SweepTracking(
+                plan.tracking_uri,
+                tracker.start_experiment(plan.experiment),
+                data_sha256=dataset.checksum,
+            )
             out(f"MLflow: {plan.tracking_uri}, experiment {plan.experiment!r}")
         if problem := unschedulable(sp.resources, ray.cluster_resources()):
             if embedded:  # nothing will ever join: the trials would wait forever
                 raise ConfigError(f"{sp.path}: {problem}")
             out(f"warning: {problem}; trials wait until the cluster scales up")
-        exp.write_json(PLAN, plan.to_json())
-        out(f"experiment: {exp.root}")
+        if not resume:
+            exp.write_json(PLAN, plan.to_json())
+        searches, done = exp.results() if resume else ({}, {})
+        out(f"experiment: {exp.root}{' (resumed)' if resume else ''}")
         data = cached or ray.put(dataset)
         pretrain, tracking = pretrain_all(plan, dataset, data, out, tracking)
         ok = True
@@ -508,11 +537,17 @@ def run(plan: Plan, address: str | None, out: Out = emit) -> int:
                 max_failures=sp.search.max_failures,
             )
             try:
-                summary = search_study(plan, study, ctx, out)
-                exp.write_search(study.name, summary)
+                if study.name in searches:
+                    summary = searches[study.name]
+                    out(f"[{study.name}] search finished before: {len(summary['trials'])} trials")
+                else:
+                    summary = search_study(plan, study, ctx, out, resume=resume)
+                    exp.write_search(study.name, summary)
                 finals: dict[int, dict[str, Any]] = {}
                 if summary["best"] is not None:
-                    finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out)
+                    finals = final_evaluation(
+                        plan, study, ctx, summary["best"]["params"], out, done.get(study.name)
+                    )
             except BaseException:
                 if parent is not None:  # an interrupted or failed study: not left RUNNING
                     with contextlib.suppress(Exception):  # the original error matters more

@@ -6,6 +6,7 @@ which is then validated again, so a shrunk or redirected sweep is checked like a
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -75,6 +76,17 @@ class Plan:
             "final_seeds": sp.final_seeds,
             "search_seed": sp.search_seed,
         }
+
+
+# What must be the same for `--resume` to continue an experiment (not its creation time, the
+# spelling of the space file's path or where MLflow is).
+RESUME_KEYS = ("smoke", "data", "studies", "space", "fixed", "search", "resources", "final_seeds")
+
+
+def resume_mismatch(plan: Plan, stored: dict[str, Any]) -> list[str]:
+    """The plan.json keys in which `plan` differs from the experiment it would resume."""
+    new = json.loads(json.dumps(plan.to_json(), default=str))
+    return [key for key in RESUME_KEYS if new.get(key) != stored.get(key)]
 
 
 def _shrink_source(source: str) -> str:

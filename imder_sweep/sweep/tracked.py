@@ -30,6 +30,7 @@ from imder_sweep.train.loop import Reporter
 
 PRETRAIN_RUN_TAG = "imder.pretrain_run_id"
 TRIAL_STATUS_TAG = "imder.trial_status"
+DATA_SHA256_TAG = "imder.data_sha256"
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +43,7 @@ class SweepTracking:
     parent_run_id: str = ""  # the study's parent run, set per study
     pretrain_runs: tuple[tuple[int, str], ...] = ()  # (seed, run id)
     stop_epochs: tuple[int, ...] = ()  # epochs after whose report Tune may end a search trial
+    data_sha256: str = ""  # the dataset's checksum, recorded on every trial and final run
 
     def for_study(self, parent_run_id: str, stop_epochs: Collection[int] = ()) -> SweepTracking:
         return replace(self, parent_run_id=parent_run_id, stop_epochs=tuple(sorted(stop_epochs)))
@@ -59,6 +61,8 @@ class SweepTracking:
         pretrain = dict(self.pretrain_runs).get(cfg.seed)
         if pretrain:
             tags[PRETRAIN_RUN_TAG] = pretrain
+        if self.data_sha256:
+            tags[DATA_SHA256_TAG] = self.data_sha256
         return self.tracker.start_child_run(
             self.experiment_id, self.parent_run_id, run_name, flatten_params(config), tags
         )
