@@ -14,13 +14,48 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from urllib.parse import urlsplit
 
 from imder_sweep.data import DataError
-from imder_sweep.sweep.plan import describe, make_plan
+from imder_sweep.sweep.plan import describe, make_plan, resume_mismatch
 from imder_sweep.sweep.space import resolve_space_path
 from imder_sweep.tracking import TrackingError
 from imder_sweep.train.config import ConfigError
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str | None) -> None:
+    """ConfigError unless something listens at `address` (else RAY_ADDRESS): `ray.init` retries
+    an address where nothing listens for minutes. `auto`, `local`, no address and an address
+    without host:port are left to Ray."""
+    where, given = "--address", address
+    if not address:
+        where, given = "RAY_ADDRESS", os.environ.get("RAY_ADDRESS")
+    if not given or given in ("auto", "local"):
+        return
+    url = urlsplit(given if "://" in given else f"//{given}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:  # a port that is not a number
+        return
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"{where} {given}: no Ray cluster answers at {host}:{port} "
+            f"({exc.strerror or exc}); start one (`ray start --head`) or fix the address"
+        ) from None
+
+
+def error(exc: Exception) -> int:
+    """Print `exc` as error lines (one per problem, no traceback); the exit status of bad input."""
+    print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+    return 2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiment --experiment-name after an interruption: finished trials "
+        "and final runs are kept, unfinished trials go on from their last checkpoint",
+    )
+    p.add_argument(
         "--data",
         default=None,
         metavar="PATH_OR_URI",
@@ -84,24 +125,37 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=args.tracking_uri,
             tracking=not args.no_tracking,
         )
-        if plan.experiment_dir.exists("plan.json"):
+        if args.resume and args.experiment_name is None:
+            raise ConfigError("--resume: name the experiment to continue with --experiment-name")
+        exists = plan.experiment_dir.exists("plan.json")
+        if exists and not args.resume:
             raise ConfigError(
                 f"--experiment-name {plan.experiment}: {plan.experiment_dir.root} already holds "
-                "an experiment; pick another name"
+                "an experiment; pick another name, or continue it with --resume"
+            )
+        if args.resume and not exists:
+            raise ConfigError(
+                f"--resume: {plan.experiment_dir.root} holds no experiment (no plan.json)"
+            )
+        if args.resume and (
+            keys := resume_mismatch(plan, plan.experiment_dir.read_json("plan.json"))
+        ):
+            raise ConfigError(
+                f"--resume: {args.space} differs from the experiment in {plan.experiment_dir.root} "
+                f"in {', '.join(keys)}; resume with the space file and flags it started with"
             )
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
-        return 2
+        return error(exc)
     print(describe(plan), flush=True)
     if args.dry_run:
         return 0
-    from imder_sweep.sweep.driver import run  # imports Ray: not needed for a dry run
-
     try:
-        return run(plan, args.address)
+        check_ray_address(args.address)
+        from imder_sweep.sweep.driver import run  # imports Ray: not needed for a dry run
+
+        return run(plan, args.address, resume=args.resume)
     except (ConfigError, DataError, TrackingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def _load_synthetic(
     scale: float,
     seed: int,
     expected_dims: tuple[int, int, int] | None,
+    expected_seq_len: int | None,
 ) -> MultimodalDataset:
     preset, _, query = source[len(SYNTHETIC_PREFIX) :].partition("?")
     params: dict[str, float | int] = {"scale": scale, "seed": seed, "seq_len": 50}
@@ -96,15 +97,16 @@ def _load_synthetic(
         seed=int(params["seed"]),
         seq_len=int(params["seq_len"]),
     )
-    if expected_dims is None:
+    if expected_dims is None and expected_seq_len is None:
         return dataset
-    # make_dataset holds the dims check and its error message.
+    # make_dataset holds the dims and sequence length checks and their error messages.
     return make_dataset(
         name=dataset.name,
         splits=dataset.splits,
         checksum=dataset.checksum,
         source=source,
         expected_dims=expected_dims,
+        expected_seq_len=expected_seq_len,
     )
 
 
@@ -113,6 +115,7 @@ def load_dataset(
     *,
     allow_pickle: bool = False,
     expected_dims: tuple[int, int, int] | None = None,
+    expected_seq_len: int | None = None,
     synthetic_scale: float = 1.0,
     seed: int = 0,
     endpoint_url: str | None = None,
@@ -124,13 +127,19 @@ def load_dataset(
     * a local path or s3:// URI ending in `.pkl` (MMSA layout; needs `allow_pickle=True`);
     * a local directory or s3:// prefix holding a Parquet dataset (has metadata.json).
 
-    `expected_dims` (D_l, D_a, D_v) is checked when given; `endpoint_url` overrides the S3
+    `expected_dims` (D_l, D_a, D_v) and `expected_seq_len` (L) are checked when given (a
+    DimsMismatchError); features must be finite but for -inf (read as 0) and labels within
+    [-3, 3] (a DataFormatError naming the split and key); `endpoint_url` overrides the S3
     endpoint of the environment. Every failure is a DataError naming the source.
     """
     kind = source_kind(source)
     if kind == "synthetic":
         return _load_synthetic(
-            source, scale=synthetic_scale, seed=seed, expected_dims=expected_dims
+            source,
+            scale=synthetic_scale,
+            seed=seed,
+            expected_dims=expected_dims,
+            expected_seq_len=expected_seq_len,
         )
     storage.check_supported(source)
     if kind == "mmsa-pickle":
@@ -138,6 +147,7 @@ def load_dataset(
             source,
             allow_pickle=allow_pickle,
             expected_dims=expected_dims,
+            expected_seq_len=expected_seq_len,
             endpoint_url=endpoint_url,
         )
     is_file = not storage.is_s3(source) and Path(source).is_file()
@@ -148,4 +158,9 @@ def load_dataset(
             f"Parquet dataset directory or S3 prefix with {METADATA_FILE}, or "
             f"synthetic:{'|'.join(PRESETS)}"
         )
-    return read_parquet_dataset(source, expected_dims=expected_dims, endpoint_url=endpoint_url)
+    return read_parquet_dataset(
+        source,
+        expected_dims=expected_dims,
+        expected_seq_len=expected_seq_len,
+        endpoint_url=endpoint_url,
+    )

@@ -179,6 +179,7 @@ class NodeCachedDataset:
     checksum: str
     allow_pickle: bool = False
     expected_dims: tuple[int, int, int] | None = None
+    expected_seq_len: int | None = None
 
     @classmethod
     def open(
@@ -187,14 +188,16 @@ class NodeCachedDataset:
         *,
         allow_pickle: bool = False,
         expected_dims: tuple[int, int, int] | None = None,
+        expected_seq_len: int | None = None,
     ) -> tuple[NodeCachedDataset, MultimodalDataset]:
         """Load `source` through this node's cache; the handle carries the checksum read."""
-        dataset = _read(source, allow_pickle, expected_dims)
-        return cls(source, dataset.checksum, allow_pickle, expected_dims), dataset
+        dataset = _read(source, allow_pickle, expected_dims, expected_seq_len)
+        handle = cls(source, dataset.checksum, allow_pickle, expected_dims, expected_seq_len)
+        return handle, dataset
 
     def load(self) -> MultimodalDataset:
         """This node's copy, refused if its checksum is not the driver's."""
-        dataset = _read(self.source, self.allow_pickle, self.expected_dims)
+        dataset = _read(self.source, self.allow_pickle, self.expected_dims, self.expected_seq_len)
         if dataset.checksum != self.checksum:
             raise DataError(
                 f"{self.source}: this node's copy has checksum {dataset.checksum[:12]}..., the "
@@ -204,9 +207,17 @@ class NodeCachedDataset:
 
 
 def _read(
-    source: str, allow_pickle: bool, expected_dims: tuple[int, int, int] | None
+    source: str,
+    allow_pickle: bool,
+    expected_dims: tuple[int, int, int] | None,
+    expected_seq_len: int | None,
 ) -> MultimodalDataset:
     from imder_sweep.data import load_dataset
 
     local = cached_copy(source)
-    return load_dataset(str(local), allow_pickle=allow_pickle, expected_dims=expected_dims)
+    return load_dataset(
+        str(local),
+        allow_pickle=allow_pickle,
+        expected_dims=expected_dims,
+        expected_seq_len=expected_seq_len,
+    )

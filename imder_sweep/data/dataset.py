@@ -1,8 +1,10 @@
 """In-memory dataset types shared by every reader, and the checks every reader runs.
 
 A reader hands raw arrays to `make_split` and `make_dataset`, which convert them to the
-project's conventions (float32 features with -inf/NaN set to 0, float32 labels, unicode ids)
+project's conventions (float32 features with -inf set to 0, float32 labels, unicode ids)
 and raise a `DataError` naming the source, the split, the key and the offending shape or value.
+Features must otherwise be finite: -inf is how COVAREP marks missing audio frames in the MMSA
+files (the reference loaders read it as 0), while NaN or +inf would turn every loss into NaN.
 Arrays are made read-only: a dataset is loaded once per node and shared by trials (and Parquet
 reads hand out zero-copy views), so nothing may modify it in place.
 """
@@ -44,7 +46,7 @@ class DataFormatError(DataError):
 
 
 class DimsMismatchError(DataFormatError):
-    """Feature dims differ from the dims the caller expects (for example MOSEI dims for MOSI)."""
+    """Feature dims or sequence length differ from what the caller expects (MOSEI dims for MOSI)."""
 
 
 class PickleNotAllowed(DataError):  # noqa: N818 - the name is part of the project's public API
@@ -132,7 +134,8 @@ def _to_str_array(values: np.ndarray, *, source: str, split: str, key: str) -> n
 
 
 def _clean_features(array: object, *, source: str, split: str, key: str) -> np.ndarray:
-    """float32 (N, L, D) with -inf/+inf/NaN set to 0; copies only when needed (zero-copy reads)."""
+    """float32 (N, L, D) with -inf set to 0; copies only when needed (zero-copy reads). NaN and
+    +inf are refused; the error gives the (sample, step, dim) of the first."""
     try:
         array = np.asarray(array, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -144,8 +147,16 @@ def _clean_features(array: object, *, source: str, split: str, key: str) -> np.n
             f"{source}: split {split!r} key {key!r} has shape {array.shape}, expected (N, L, D)"
         )
     if not _all_finite(array):
-        # COVAREP audio features carry -inf; the reference loaders set them (and NaN) to 0.
-        array = np.where(np.isfinite(array), array, np.float32(0))
+        bad = np.isnan(array) | np.isposinf(array)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataFormatError(
+                f"{source}: split {split!r} key {key!r} has {int(bad.sum())} NaN or +inf "
+                f"value(s), first at (sample, step, dim) {first}: {float(array[first])}; "
+                "features must be finite (only -inf, COVAREP's mark, is read as 0)"
+            )
+        # COVAREP audio features carry -inf; the reference loaders set them to 0.
+        array = np.where(np.isneginf(array), np.float32(0), array)
     return _readonly(array)
 
 
@@ -165,7 +176,7 @@ def _clean_labels(labels: object, *, source: str, split: str, key: str) -> np.nd
         index = int(np.flatnonzero(bad)[0])
         raise DataFormatError(
             f"{source}: split {split!r} key {key!r} has {int(bad.sum())} value(s) outside "
-            f"[-3, 3] or not finite, first at index {index}: {labels[index]!r}"
+            f"[-3, 3] or not finite, first at index {index}: {float(labels[index])}"
         )
     return _readonly(labels)
 
@@ -227,9 +238,11 @@ def make_dataset(
     source: str,
     expected_dims: tuple[int, int, int] | None = None,
     key_names: Mapping[str, str] | None = None,
+    expected_seq_len: int | None = None,
 ) -> MultimodalDataset:
     """Check that all three splits exist and agree on (L, D_l, D_a, D_v), and against
-    `expected_dims` when given; errors name `source`, the split and the key."""
+    `expected_dims` and `expected_seq_len` when given; errors name `source`, the split and the
+    key."""
     names = dict(MMSA_KEYS) | dict(key_names or {})
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -258,6 +271,11 @@ def make_dataset(
                     f"{train.features(m).shape}, expected feature dim {want} "
                     f"(expected dims l, a, v = {expected}, found {dims})"
                 )
+    if expected_seq_len is not None and seq_len != expected_seq_len:
+        raise DimsMismatchError(
+            f"{source}: split 'train' key {names['l']!r} has shape {train.l.shape}, sequence "
+            f"length {seq_len} but the model expects {expected_seq_len} (model.seq_len)"
+        )
     return MultimodalDataset(
         name=name,
         splits={s: splits[s] for s in SPLITS},

@@ -120,13 +120,15 @@ def read_mmsa_pickle(
     *,
     allow_pickle: bool = False,
     expected_dims: tuple[int, int, int] | None = None,
+    expected_seq_len: int | None = None,
     endpoint_url: str | None = None,
 ) -> MultimodalDataset:
     """Load an MMSA aligned pickle from a local path or s3:// URI.
 
     Raises PickleNotAllowed unless `allow_pickle` is True (checked before any byte is read),
     DataNotFoundError / DataAccessError when the file cannot be read, DataFormatError when it is
-    not an MMSA dataset, and DimsMismatchError when `expected_dims` (l, a, v) differ.
+    not an MMSA dataset, and DimsMismatchError when `expected_dims` (l, a, v) or
+    `expected_seq_len` differ.
     The dataset's checksum is the sha256 of the file; its name is "mosi" / "mosei" when that
     matches the published file, else the file stem.
     """
@@ -152,4 +154,5 @@ def read_mmsa_pickle(
         checksum=checksum,
         source=uri,
         expected_dims=expected_dims,
+        expected_seq_len=expected_seq_len,
     )

@@ -218,6 +218,7 @@ def read_parquet_dataset(
     src: str,
     *,
     expected_dims: tuple[int, int, int] | None = None,
+    expected_seq_len: int | None = None,
     endpoint_url: str | None = None,
 ) -> MultimodalDataset:
     """Read a Parquet dataset directory (local path or s3:// prefix) written by
@@ -253,5 +254,6 @@ def read_parquet_dataset(
         checksum=str(metadata["source_sha256"]),
         source=src,
         expected_dims=expected_dims,
+        expected_seq_len=expected_seq_len,
         key_names={m: m for m in MODALITIES},
     )

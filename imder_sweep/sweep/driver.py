@@ -311,6 +311,18 @@ def search_study(
     summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
     summary.update(study=study.name, protocol=study.protocol, seconds=time.perf_counter() - t0)
     if ctx.tracking is not None:
+        if resume:
+            tracking = ctx.tracking
+            lost = tracking.tracker.delete_orphan_trials(
+                tracking.experiment_id,
+                tracking.parent_run_id,
+                {t["trial_id"] for t in summary["trials"]},
+            )
+            if lost:
+                out(
+                    f"[{study.name}] MLflow: deleted {len(lost)} run(s) of trials lost with the "
+                    f"killed driver (their configurations ran again): {', '.join(lost)}"
+                )
         log_search(plan, ctx, grid, summary, out)
     return summary
 
@@ -478,15 +490,18 @@ def run(plan: Plan, address: str | None, out: Out = emit, *, resume: bool = Fals
     t_start = time.perf_counter()
     sp = plan.space
     exp = plan.experiment_dir
-    dims = sp.trial_config(sp.studies()[0], {}).model.dims
+    model = sp.trial_config(sp.studies()[0], {}).model
+    expect = {
+        "allow_pickle": plan.allow_pickle,
+        "expected_dims": model.dims,
+        "expected_seq_len": model.seq_len,
+    }
     if storage.is_s3(plan.data_source):
         # Every node reads S3 data into its own cache; the driver's copy sets the checksum.
-        cached, dataset = NodeCachedDataset.open(
-            plan.data_source, allow_pickle=plan.allow_pickle, expected_dims=dims
-        )
+        cached, dataset = NodeCachedDataset.open(plan.data_source, **expect)
     else:
         cached = None
-        dataset = load_dataset(plan.data_source, allow_pickle=plan.allow_pickle, expected_dims=dims)
+        dataset = load_dataset(plan.data_source, **expect)
     out(
         f"data: {plan.data_source} ({dataset.name}, {dataset.sizes}, "
         f"{dataset_bytes(dataset) / 2**20:.1f} MiB)"

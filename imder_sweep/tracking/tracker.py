@@ -17,7 +17,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +153,25 @@ class Tracker:
         driver-side callback that closes the runs of stopped trials (changes nothing)."""
         found = self._find(experiment_id, {runs.PARENT_RUN_ID: parent_run_id}, run_name)
         return None if found is None else found.info.run_id
+
+    def delete_orphan_trials(
+        self, experiment_id: str, parent_run_id: str, keep_trial_ids: Collection[str]
+    ) -> list[str]:
+        """Delete (MLflow's soft delete: restorable from the UI) the trial runs under a study's
+        parent whose trial Tune no longer has: a trial started just before the driver was
+        killed and lost with it; the resumed search runs that configuration again. Returns
+        the names of the runs deleted."""
+        children = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{runs.PARENT_RUN_ID}` = {_quoted(parent_run_id)} "
+            f"and tags.`{runs.KIND}` = 'trial'",
+            max_results=10_000,
+        )
+        lost = [r for r in children if r.data.tags.get(runs.TRIAL_ID) not in keep_trial_ids]
+        for run in lost:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            self.client.delete_run(run.info.run_id)
+        return [r.info.run_name for r in lost]
 
     def _find(self, experiment_id: str, match: Mapping[str, str], run_name: str) -> Run | None:
         # Runs with a kind of their own (study, pretraining, summary) are found by tags alone;

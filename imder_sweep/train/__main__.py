@@ -75,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_trial_config(args.config, sets)
         dataset = load_dataset(
-            cfg.data.source, allow_pickle=cfg.data.allow_pickle, expected_dims=cfg.model.dims
+            cfg.data.source,
+            allow_pickle=cfg.data.allow_pickle,
+            expected_dims=cfg.model.dims,
+            expected_seq_len=cfg.model.seq_len,
         )
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)  # a line per problem
         return 2
     stages = {"both": ("pretrain", "train"), "pretrain": ("pretrain",), "train": ("train",)}[
         args.stage

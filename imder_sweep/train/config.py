@@ -159,16 +159,32 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line: where, what, and what the parser was in the middle of."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"malformed YAML: {' '.join(str(exc).split())}"
+    mark = exc.problem_mark
+    line = f"line {mark.line + 1}, column {mark.column + 1}: malformed YAML: {exc.problem}"
+    if exc.context and exc.context_mark is not None:
+        start = exc.context_mark
+        line += f" ({exc.context} at line {start.line + 1}, column {start.column + 1})"
+    return line
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file (and line for syntax errors)."""
+    """Read a YAML mapping; errors name the file (and line and column for syntax errors)."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -191,4 +207,6 @@ def resolve_trial_config(
 
 
 def load_trial_config(path: Path, sets: list[str] | None = None) -> TrialConfig:
-    return resolve_trial_config(load_yaml(path), origin=str(path), overrides=parse_set(sets or []))
+    """The config file with `key=value` overrides applied; errors name both."""
+    origin = f"{path} (with {', '.join(sets)})" if sets else str(path)
+    return resolve_trial_config(load_yaml(path), origin=origin, overrides=parse_set(sets or []))
