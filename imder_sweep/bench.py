@@ -4,18 +4,26 @@ Runs with PyTorch alone (no Ray, MLflow or Optuna), on whatever device is presen
 command measures the CPU here and a lent GPU. Each line carries the published code's time for the
 same case where shared/spec/reference-facts.md has one. Timings are medians of `--repeat` runs
 after one warm-up; CUDA work is synchronised before each clock read.
+
+`--reference-code DIR` (a checkout of the published IMDer code) also times the release's own
+Euler-Maruyama sampler and score network in the same process, so a noisy machine compares like
+with like; our matching lines then carry `speedup_vs_same_session_reference`. `--cases solvers`
+runs the few-step solver study (`imder_sweep.solver_study`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,29 +58,176 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
-    fn()  # warm-up: allocations, kernel selection
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int
+) -> dict[str, list[float]]:
+    """Seconds per run of each function: each is warmed up, then `repeat` rounds run every
+    function once, so a load that drifts during the run hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: allocations, kernel selection
     _sync(device)
-    out = []
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out[name].append(time.perf_counter() - start)
     return out
 
 
-def bench_sampler(device: torch.device, repeat: int, batch: int = 32, steps: int = 100) -> dict:
-    """One Euler-Maruyama call of `steps` steps at `batch` on the MOSI preset (eq. 16)."""
+def time_call(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
+    """Seconds per run of `fn`, `repeat` runs after one warm-up."""
+    return time_interleaved({"": fn}, device, repeat)[""]
+
+
+# The published code's files the reference cases load: its score net and sampler, and the
+# transformer encoder the score net imports (torch only).
+REFERENCE_FILES = (
+    "trains/singleTask/model/scoremodel.py",
+    "trains/subNets/transformers_encoder/transformer.py",
+    "trains/subNets/transformers_encoder/multihead_attention.py",
+    "trains/subNets/transformers_encoder/position_embedding.py",
+)
+# The packages on the way to those files, each registered as an empty stub so that their
+# `__init__.py` (which imports BERT through `transformers`) never runs.
+_REFERENCE_PACKAGES = (
+    "",
+    "singleTask",
+    "singleTask.model",
+    "subNets",
+    "subNets.transformers_encoder",
+)
+_REFERENCE_ROOT = "_imder_release"
+REFERENCE_PREFIX = "reference_"
+# The release's SDE (trains/singleTask/model/imder.py): sigma = 25, sampler shape (B, 32, 48).
+REFERENCE_SIGMA = 25.0
+REFERENCE_SHAPE = (32, 48)
+SCORE_CALL_REPEAT_FACTOR = 10
+
+
+def missing_reference_files(root: Path) -> list[str]:
+    """The files of `REFERENCE_FILES` that `root` lacks."""
+    return [f for f in REFERENCE_FILES if not (root / f).is_file()]
+
+
+def load_reference_scoremodel(root: Path) -> types.ModuleType:
+    """Import the release's `trains/singleTask/model/scoremodel.py` from `root`, unchanged.
+
+    Its packages are registered as stub modules (with `__path__` pointing into `root`) under a
+    private top-level name, so the relative imports resolve to the files in `root` and no package
+    `__init__.py` runs. The stubs are removed again afterwards, so `root` can be loaded afresh.
+    """
+    missing = missing_reference_files(root)
+    if missing:
+        raise FileNotFoundError(f"{root}: not the published IMDer code, missing {missing}")
+    trains = root.resolve() / "trains"
+    names = [f"{_REFERENCE_ROOT}.{p}".rstrip(".") for p in _REFERENCE_PACKAGES]
+    try:
+        for name, pkg in zip(names, _REFERENCE_PACKAGES, strict=True):
+            stub = types.ModuleType(name)
+            stub.__path__ = [str(trains.joinpath(*pkg.split(".")) if pkg else trains)]
+            sys.modules[name] = stub
+        return importlib.import_module(f"{_REFERENCE_ROOT}.singleTask.model.scoremodel")
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == _REFERENCE_ROOT]:
+            del sys.modules[name]
+
+
+SamplerCalls = tuple[Callable[[], object], Callable[[], object]]
+
+
+def our_sampler_calls(device: torch.device, batch: int, steps: int) -> SamplerCalls:
+    """Our Euler-Maruyama sampler (eq. 16, `steps` steps) at `batch` on the MOSI preset, and one
+    call of its score network."""
     cfg = reference_mosi(sampler={"steps": steps})
     model = IMDer(cfg).to(device).eval()
     cond = torch.randn(batch, cfg.d_model, cfg.feature_len, device=device)
-    times = time_call(lambda: model.sample_modality("a", cond), device, repeat)
-    return {
-        "case": f"sampler_em{steps}_b{batch}_mosi",
-        "seconds": statistics.median(times),
-        "nfe": steps,
-    }
+    x, t = torch.randn_like(cond), torch.rand(batch, device=device)
+    net = model.score["a"]
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return net(x, t, cond)
+
+    return (lambda: model.sample_modality("a", cond)), call
+
+
+def reference_sampler_calls(
+    root: Path, device: torch.device, batch: int, steps: int
+) -> SamplerCalls:
+    """The release's `Euler_Maruyama_sampler` (eq. 16, `steps` steps, shape (batch, 32, 48)) with
+    its default `ScoreNet`, and one call of that net.
+
+    marginal_prob_std and diffusion_coeff are the release's formulas (its imder.py, sigma 25),
+    restated here: that file imports BERT and pins them to 'cuda'. The device is passed to the
+    sampler explicitly; nothing in the release's files is changed.
+    """
+    scoremodel = load_reference_scoremodel(root)
+    log_sigma = math.log(REFERENCE_SIGMA)
+
+    def marginal_prob_std(t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt((REFERENCE_SIGMA ** (2 * t) - 1.0) / 2.0 / log_sigma)
+
+    def diffusion_coeff(t: torch.Tensor) -> torch.Tensor:
+        return REFERENCE_SIGMA**t
+
+    net = scoremodel.ScoreNet(marginal_prob_std=marginal_prob_std).to(device).eval()
+    cond = torch.randn(batch, *REFERENCE_SHAPE, device=device)
+    x, t = torch.randn_like(cond), torch.rand(batch, device=device)
+
+    def run_sampler() -> torch.Tensor:
+        return scoremodel.Euler_Maruyama_sampler(
+            net,
+            marginal_prob_std,
+            diffusion_coeff,
+            batch_size=batch,
+            num_steps=steps,
+            device=device,
+            condition=cond,
+        )
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return net(x, t, cond)
+
+    return run_sampler, call
+
+
+def bench_sampler(
+    device: torch.device,
+    repeat: int,
+    *,
+    ours: bool = True,
+    reference: Path | None = None,
+    batch: int = 32,
+    steps: int = 100,
+) -> list[dict]:
+    """One Euler-Maruyama call of `steps` steps at `batch` (median of `repeat`) and one score-net
+    call (median of `SCORE_CALL_REPEAT_FACTOR * repeat`): ours (MOSI preset) and/or the release's
+    from `reference`. Both together are timed interleaved (`time_interleaved`); the reference
+    rows come first, so `emit` can attach the same-session ratio to ours."""
+    sampler_case, call_case = f"sampler_em{steps}_b{batch}_mosi", f"scorenet_call_b{batch}_mosi"
+    calls: dict[str, SamplerCalls] = {}
+    if reference is not None:
+        calls[REFERENCE_PREFIX] = reference_sampler_calls(reference, device, batch, steps)
+    if ours:
+        calls[""] = our_sampler_calls(device, batch, steps)
+    samplers = time_interleaved({p: c[0] for p, c in calls.items()}, device, repeat)
+    score_calls = time_interleaved(
+        {p: c[1] for p, c in calls.items()}, device, SCORE_CALL_REPEAT_FACTOR * repeat
+    )
+    rows = []
+    for prefix in calls:
+        rows.append(
+            {
+                "case": prefix + sampler_case,
+                "seconds": statistics.median(samplers[prefix]),
+                "nfe": steps,
+            }
+        )
+        rows.append({"case": prefix + call_case, "seconds": statistics.median(score_calls[prefix])})
+    return rows
 
 
 def _inputs(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -144,6 +299,9 @@ def bench_params(device: torch.device, repeat: int) -> list[dict]:
     ]
 
 
+CASES = ("params", "reference", "sampler", "train", "solvers")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imder_sweep.bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,10 +310,33 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     parser.add_argument(
-        "--cases", default="params,sampler,train", help="comma-separated: params, sampler, train"
+        "--cases",
+        default="params,sampler,train",
+        help=f"comma-separated, run in this order: {', '.join(CASES)}",
     )
     parser.add_argument("--presets", default="mosi,mosei", help="presets for the train cases")
+    parser.add_argument(
+        "--reference-code",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a checkout of the published IMDer code (holding trains/): adds the reference case",
+    )
     args = parser.parse_args(argv)
+    cases = set(args.cases.split(","))
+    unknown = cases - set(CASES)
+    if unknown:
+        parser.error(f"unknown --cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    if args.reference_code is not None:
+        missing = missing_reference_files(args.reference_code)
+        if missing:
+            parser.error(
+                f"--reference-code {args.reference_code}: not a checkout of the published IMDer "
+                f"code, missing {', '.join(missing)}"
+            )
+        cases.add("reference")
+    elif "reference" in cases:
+        parser.error("the reference case needs --reference-code DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,32 +348,46 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    cases = set(args.cases.split(","))
-    unknown = cases - {"params", "sampler", "train"}
-    if unknown:
-        parser.error(f"unknown --cases {sorted(unknown)}; known: params, sampler, train")
-    jobs: list[Callable[[], list[dict]]] = []
+    jobs: list[Callable[[], Iterable[dict]]] = []
     if "params" in cases:
         jobs.append(lambda: bench_params(device, args.repeat))
-    if "sampler" in cases:
-        jobs.append(lambda: [bench_sampler(device, args.repeat)])
+    if cases & {"reference", "sampler"}:
+        jobs.append(
+            lambda: bench_sampler(
+                device, args.repeat, ours="sampler" in cases, reference=args.reference_code
+            )
+        )
     if "train" in cases:
         for name in args.presets.split(","):
             if name not in PRESET_CASES:
                 parser.error(f"unknown preset {name!r}; known: {sorted(PRESET_CASES)}")
             jobs.append(lambda name=name: bench_train_steps(name, device, args.repeat))
+    if "solvers" in cases:
+        from imder_sweep.solver_study import run_solver_study
+
+        jobs.append(lambda: run_solver_study(device))
+    same_session: dict[str, float] = {}
     for job in jobs:
         for row in job():
-            emit(row, device, env)
+            emit(row, device, env, same_session)
     return 0
 
 
-def emit(row: dict, device: torch.device, env: dict) -> None:
-    """Print one JSON line, with the published code's time for the same case where known."""
-    ref = REFERENCE_S.get((row["case"], device.type))
+def emit(row: dict, device: torch.device, env: dict, same_session: dict[str, float]) -> None:
+    """Print one JSON line, with the published code's time for the same case where known: the
+    recorded one (reference-facts.md) and the one measured in this process, if any. Reference
+    rows are remembered in `same_session` under the name of our matching case."""
+    case = row["case"]
+    if case.startswith(REFERENCE_PREFIX):
+        same_session[case.removeprefix(REFERENCE_PREFIX)] = row["seconds"]
+    ref = REFERENCE_S.get((case, device.type))
     if ref is not None:
         row["reference_seconds"] = ref
         row["speedup_vs_reference"] = round(ref / row["seconds"], 2)
+    ref = same_session.get(case) if not case.startswith(REFERENCE_PREFIX) else None
+    if ref is not None:
+        row["same_session_reference_seconds"] = ref
+        row["speedup_vs_same_session_reference"] = round(ref / row["seconds"], 2)
     print(json.dumps({**row, **env}), flush=True)
 
 

@@ -61,6 +61,7 @@ def test_mr_space_is_the_papers_grid() -> None:
         "model.beta",
         "model.sde.sigma",
         "model.sampler.steps",
+        "model.sampler.solver",  # EM (eq. 16) or the few-step probability-flow Heun
         "model.score_net.width",
     }
     assert space.final_seeds == [0, 1, 2, 3, 4]

@@ -1,0 +1,58 @@
+"""The bench's command line and its loader for the published code (no timing runs here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imder_sweep.bench import REFERENCE_FILES, load_reference_scoremodel, main
+
+RELEASE_MIRROR = Path("/work/.mirror/mdswyz+IMDer/repo")
+
+
+def test_reference_code_without_the_release_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_release = tmp_path / "not-imder"
+    not_release.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cases", "params", "--reference-code", str(not_release)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert str(not_release) in err
+    assert "trains/singleTask/model/scoremodel.py" in err
+
+
+def test_reference_case_needs_the_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cases", "reference"])
+    assert exit_info.value.code != 0
+    assert "--reference-code" in capsys.readouterr().err
+
+
+def test_release_score_net_loads_without_its_package_inits(tmp_path: Path) -> None:
+    """Only the four files the reference case needs, no package `__init__.py` at all: the loader
+    must not need them (the real ones import BERT)."""
+    if not RELEASE_MIRROR.is_dir():
+        pytest.skip(f"no mirror of the published code at {RELEASE_MIRROR}")
+    for name in REFERENCE_FILES:
+        text = subprocess.run(
+            ["git", "-C", str(RELEASE_MIRROR), "show", f"HEAD:{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = set(sys.modules)
+    scoremodel = load_reference_scoremodel(tmp_path)
+    assert not {n for n in set(sys.modules) - before if n.startswith("_imder_release")}
+    torch.manual_seed(0)
+    net = scoremodel.ScoreNet(marginal_prob_std=lambda t: torch.ones_like(t)).eval()
+    x = torch.randn(2, 32, 48)
+    with torch.no_grad():
+        assert net(x, torch.rand(2), x).shape == (2, 32, 48)
