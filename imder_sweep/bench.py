@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -292,6 +293,72 @@ def bench_train_steps(name: str, device: torch.device, repeat: int) -> list[dict
     return rows
 
 
+MEMORY_WIDTHS = (1.0, 1.5)  # the score UNet widths mr.yaml searches at most
+
+
+def _proc_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def train_step_peak(name: str, width: float, device: torch.device) -> dict:
+    """Peak memory of one train step with one modality available (two score losses and two
+    sampler runs, the heaviest pattern), Adam state included. On CUDA: the caching allocator's
+    peak of allocated tensors; on CPU: the growth of the process's peak resident set over the
+    step (run it in a fresh process: the peak cannot be reset)."""
+    preset, batch, _ = PRESET_CASES[name]
+    cfg = preset(score_net={"width": width})
+    model = IMDer(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs, labels = _inputs(cfg, batch, device), torch.randn(batch, device=device)
+    mask = torch.tensor([subset_to_pattern("l")] * batch, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _proc_kib("VmRSS") * 1024
+    out = model(inputs, mask)
+    loss, _ = model.loss(out, labels)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak, what = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        peak, what = _proc_kib("VmHWM") * 1024, "peak RSS growth over the step"
+    return {
+        "case": f"memory_train_step_{name}_w{width:g}",
+        "batch": batch,
+        "params_mb": round(count_parameters(model) * 4 / 2**20, 1),
+        "model_and_inputs_mb": round(before / 2**20, 1),
+        "step_peak_mb": round((peak - before) / 2**20, 1),
+        "measured": what,
+    }
+
+
+def bench_memory(device: torch.device) -> list[dict]:
+    """`train_step_peak` per preset and width, each CPU case in a fresh process."""
+    rows = []
+    for name in PRESET_CASES:
+        for width in MEMORY_WIDTHS:
+            if device.type == "cuda":
+                rows.append(train_step_peak(name, width, device))
+                continue
+            code = (
+                "import json, torch; from imder_sweep.bench import train_step_peak; "
+                f"torch.set_num_threads({torch.get_num_threads()}); "
+                f"print(json.dumps(train_step_peak({name!r}, {width}, torch.device('cpu'))))"
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            )
+            rows.append(json.loads(done.stdout.splitlines()[-1]))
+    return rows
+
+
 def bench_params(device: torch.device, repeat: int) -> list[dict]:
     return [
         {"case": f"params_{name}", "params": count_parameters(IMDer(fn()))}
@@ -299,7 +366,7 @@ def bench_params(device: torch.device, repeat: int) -> list[dict]:
     ]
 
 
-CASES = ("params", "reference", "sampler", "train", "solvers")
+CASES = ("params", "reference", "sampler", "train", "memory", "solvers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in PRESET_CASES:
                 parser.error(f"unknown preset {name!r}; known: {sorted(PRESET_CASES)}")
             jobs.append(lambda name=name: bench_train_steps(name, device, args.repeat))
+    if "memory" in cases:
+        jobs.append(lambda: bench_memory(device))
     if "solvers" in cases:
         from imder_sweep.solver_study import run_solver_study
 
