@@ -35,6 +35,7 @@ def _space(tmp_path: Path) -> Path:
     raw["fixed"]["data"]["source"] = "synthetic:mosi?scale=0.05"
     raw["fixed"]["train"].update(pretrain_epochs=1, epochs=3)
     raw["search"]["asha"] = None
+    raw["studies"] = {"mr": [0.3]}
     raw["final"] = {"seeds": 2}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -88,6 +89,15 @@ def test_driver_killed_mid_search_then_resumed(tmp_path: Path) -> None:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
+        # Kill once Tune has saved its state after those two trials ended. (A trial that ends
+        # in the seconds between its last report and Tune's next save is, on resume,
+        # continued from its last checkpoint: nothing is lost, but its last report repeats.)
+        seen = time.time()
+        state = storage / "cut" / "mr0.3"
+        while not any(p.stat().st_mtime > seen for p in state.glob("experiment_state*.json")):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = _trial_epochs(storage, "cut")
@@ -118,14 +128,17 @@ def test_driver_killed_mid_search_then_resumed(tmp_path: Path) -> None:
     # Finished trials were not rerun; every trial reported each epoch exactly once.
     assert all(after[t] == [1, 2, 3] for t in finished)
     assert all(epochs == [1, 2, 3] for epochs in after.values()), after
-    assert len(after) == 8
-    # Reproducible: the same configurations proposed in the same order, the same values.
-    for study in ("mr0.3", "mr0.7"):
+    assert len(after) == 4
+    # Reproducible: the same configurations proposed, with the same values.
+    for study in ("mr0.3",):
         runs = [
             json.loads((storage / name / "results" / f"{study}.search.json").read_text())
             for name in ("whole", "cut")
         ]
-        proposed = [[(t["params"], t["value"]) for t in r["trials"]] for r in runs]
+        # (A restored ResultGrid lists trials in its own order: compare them sorted.)
+        proposed = [
+            sorted(json.dumps([t["params"], t["value"]]) for t in r["trials"]) for r in runs
+        ]
         assert proposed[0] == proposed[1], study
     # Same tables as the uninterrupted run (but for its name and the random best trial id).
     cut, whole = storage / "cut", storage / "whole"
