@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+import servers
 
 
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a moto S3 server started for this test session (killed at the end)."""
-    port = _free_port()
+    port = servers.free_port()
     url = f"http://127.0.0.1:{port}"
     # A log file, not a pipe: moto logs every request, and a full pipe would block the server.
     log_path = tmp_path_factory.mktemp("moto") / "server.log"
@@ -35,17 +27,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}: {log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not answer on {url}: {log_path.read_text()}")
-                time.sleep(0.1)
+        servers.wait_for_http(proc, f"{url}/moto-api/", log_path, time.monotonic() + 30)
         yield url
     finally:
         proc.terminate()

@@ -59,19 +59,22 @@ def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str]) -> Serv
     return Server(f"http://127.0.0.1:{port}", root, proc, log)
 
 
-def wait_healthy(server: Server, deadline: float) -> None:
+def wait_for_http(proc: subprocess.Popen[bytes], url: str, log: Path, deadline: float) -> None:
+    """Until `url` answers: fail with the log if `proc` exits first or `deadline` passes."""
     while True:
-        if server.proc.poll() is not None:
-            pytest.fail(
-                f"mlflow server exited ({server.proc.returncode}): {server.log.read_text()}"
-            )
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args!r} exited ({proc.returncode}): {log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=1):
+            with urllib.request.urlopen(url, timeout=2):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, timed out, HTTP error: not up yet
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up at {server.url}: {server.log.read_text()}")
+                pytest.fail(f"nothing answers at {url}: {log.read_text()}")
             time.sleep(0.25)
+
+
+def wait_healthy(server: Server, deadline: float) -> None:
+    wait_for_http(server.proc, f"{server.url}/health", server.log, deadline)
 
 
 def stop_server(server: Server) -> None:
@@ -184,18 +187,12 @@ def start_ray_node(
     node = RayNode(proc, log, head_gcs, url)
     if url is None or not dashboard:
         return node
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited {proc.returncode}: {log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                return node
-        except OSError:
-            if time.monotonic() > deadline:
-                node.kill()
-                pytest.fail(f"no dashboard at {url}: {log.read_text()}")
-            time.sleep(0.5)
+    try:
+        wait_for_http(proc, f"{url}/api/version", log, time.monotonic() + 90)
+    except BaseException:
+        node.kill()
+        raise
+    return node
 
 
 def _free_ports(n: int) -> list[int]:
