@@ -84,6 +84,11 @@ CASES: dict[str, Case] = {
         demo("malformed"),
         expect=(demo("malformed"), "line 3, column 1: malformed YAML", "line 2, column 10"),
     ),
+    "duplicate-key": tune(
+        "--space",
+        demo("duplicate"),
+        expect=(demo("duplicate"), "duplicate key 'studies' (first given at line 16)"),
+    ),
     "empty-space-file": tune(
         "--space", demo("empty"), expect=(demo("empty"), "studies: Field required")
     ),
@@ -282,6 +287,8 @@ def _write_inputs(w: Path) -> None:
         edit(raw)
         (w / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (w / "malformed.yaml").write_text("name: demo\nstudies: {mr: [0.3, 0.7]\n")
+    demo_text = (ROOT / "search_spaces" / "demo.yaml").read_text()
+    (w / "duplicate.yaml").write_text(f"{demo_text}studies: {{mr: [0.3]}}\n")
     (w / "empty.yaml").write_text("")
     (w / "trial.yaml").write_text(yaml.safe_dump(TRIAL))
 

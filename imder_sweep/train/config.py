@@ -171,6 +171,28 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return line
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a second `beta:` would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    "in the mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first given at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file (and line and column for syntax errors)."""
     try:
@@ -182,7 +204,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
             f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if data is None:
