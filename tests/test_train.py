@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from imder_sweep.data import load_dataset
@@ -73,6 +74,35 @@ def test_same_seed_same_metrics_and_pretraining_is_reused(tiny_run: tuple[Path, 
     fresh = run_trial(cfg, out_dir=out / "fresh")  # its own cache: pretrains again, same numbers
     assert fresh.pretrain["reused"] is False
     assert fresh.test == first["test"]
+
+
+def test_resuming_a_finished_stage_trains_nothing(tmp_path: Path) -> None:
+    """A trial restored from the checkpoint of its last epoch, or of an early stop (its process
+    died after the last report), reports no more epochs and returns the same result."""
+    cfg = resolve_trial_config(TINY, overrides={"train": {"epochs": 2, "early_stop": 3}})
+    done = run_trial(cfg, out_dir=tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "train-state" / "state.pt", weights_only=False)
+    assert state["epoch"] == 2
+    # The same checkpoint as if epoch 1 had ended the stage by early stopping.
+    stopped = {**state, "epoch": 1, "since_best": 3, "history": state["history"][:1]}
+    torch.save(stopped, tmp_path / "stopped.pt")
+    reported: list[tuple[str, int]] = []
+    for resume, epochs_run in (
+        (tmp_path / "run" / "train-state" / "state.pt", 2),
+        (tmp_path / "stopped.pt", 1),
+    ):
+        reported.clear()
+        again = run_trial(
+            cfg,
+            out_dir=tmp_path / "again",
+            cache_dir=tmp_path / "run" / "pretrain-cache",
+            reporter=lambda stage, epoch, row, ckpt: reported.append((stage, epoch)),
+            resume_state=resume,
+        )
+        assert [r for r in reported if r[0] == "train"] == []
+        assert again.epochs_run == epochs_run
+        assert again.history == state["history"][:epochs_run]
+    assert again.valid == done.valid  # the best state is the checkpoint's
 
 
 def test_zero_fill_trial_runs(tmp_path: Path) -> None:

@@ -331,7 +331,9 @@ def fit_stage(
         best_state, best_metrics = resume["best_state"], resume["best_metrics"]
         best_value, best_epoch = resume["best_value"], resume["best_epoch"]
         since_best, history = resume["since_best"], resume["history"]
-        start_epoch = resume["epoch"] + 1
+        # A checkpoint written at an early stop ends the stage: resuming it (a trial whose
+        # process died after its last report) must not train on.
+        start_epoch = epochs + 1 if since_best >= tc.early_stop else resume["epoch"] + 1
     forward = parallel.wrap(model) if parallel is not None else None
     train, valid = splits["train"], splits["valid"]
     eval_bs = tc.eval_batch_size or tc.batch_size
