@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.metrics import f1_score
 
 METRIC_NAMES: tuple[str, ...] = (
     "acc2",
@@ -33,6 +32,9 @@ METRIC_NAMES: tuple[str, ...] = (
 
 
 def _weighted_f1(truth: np.ndarray, pred: np.ndarray) -> float:
+    # Imported here: sklearn takes ~1 s to import, and the CLIs import this module to validate.
+    from sklearn.metrics import f1_score
+
     # zero_division=0 is sklearn's default value, without the warning for a class never predicted.
     return float(f1_score(truth, pred, average="weighted", zero_division=0))
 
