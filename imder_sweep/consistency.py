@@ -21,7 +21,6 @@ Everything runs in float64 on numpy; only the file is float32.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import ArrayLike
 
+from imder_sweep.data import storage
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES, pattern_to_subset
 
@@ -363,19 +363,8 @@ def write_recovered_parquet(
         }
     ).replace_schema_metadata({_META_D: str(d).encode(), _META_L: str(seq_len).encode()})
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp in the same directory: a unique name (concurrent writers do not collide) on the
-    # same file system, so the final replace is an atomic rename.
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            pq.write_table(table, sink)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with storage.atomic_path(Path(path)) as tmp:
+        pq.write_table(table, str(tmp))
 
 
 def read_recovered_parquet(path: str | os.PathLike[str]) -> pa.Table:

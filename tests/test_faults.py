@@ -198,3 +198,21 @@ def test_result_files_are_whole_after_a_crash(tmp_path: Path) -> None:
     writer.wait()
     data = target.read_bytes()
     assert len(data) == 32 << 20 and data.count(data[:1]) == len(data)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    """Every result writer goes through `storage.atomic_path`: an error mid-write keeps the old
+    file and removes the temporary; two writers of one file never share a temporary."""
+    target = tmp_path / "table.md"
+    storage.write_bytes(str(target), b"old")
+    with pytest.raises(RuntimeError), storage.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    with storage.atomic_path(target) as first, storage.atomic_path(target) as second:
+        assert first != second
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first"  # the outer block ends last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]

@@ -101,14 +101,10 @@ def write_parquet_dataset(
             pq.write_table(table, sink, **options)
             storage.write_bytes(uri, memoryview(sink.getvalue()), endpoint_url=endpoint_url)
             continue
-        path = Path(uri)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, str(tmp), **options)
-            tmp.replace(path)
+            with storage.atomic_path(Path(uri)) as tmp:
+                pq.write_table(table, str(tmp), **options)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"{uri}: cannot write: {exc}") from exc
     metadata = {
         "format": FORMAT,

@@ -14,6 +14,7 @@ import io
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -254,16 +255,27 @@ def write_bytes(
         except S3UploadFailedError as exc:
             raise DataAccessError(f"{uri}: upload failed: {exc}") from exc
         return
-    path = Path(uri)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        # Readers never see a half-written file under the final name.
-        tmp.replace(path)
+        with atomic_path(Path(uri)) as tmp:
+            tmp.write_bytes(data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataAccessError(f"{uri}: cannot write: {exc}") from exc
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary path beside `path` to write the file to; renamed over `path` when the
+    block ends, removed when it raises. Readers never see half a file under the final name, and
+    concurrent writers never share a temporary file (its name is unique). A process killed
+    mid-write leaves only a hidden `.NAME.*.tmp` beside an intact `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def list_files(uri: str, *, endpoint_url: str | None = None) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imder_sweep.data import MultimodalDataset, load_dataset
+from imder_sweep.data import MultimodalDataset, load_dataset, storage
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
@@ -138,10 +137,8 @@ def resolve_device(name: str) -> torch.device:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with storage.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -149,10 +146,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with storage.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def prepare_splits(
