@@ -65,7 +65,7 @@ class Cluster:
         head = next(iter(self.nodes.values()), None)
         for attempt in range(3):
             node = servers.start_ray_node(
-                self.temp, f"{name}-{attempt}", cpus=cpus, env=env,
+                self.temp, f"{name}-{attempt}" if attempt else name, cpus=cpus, env=env,
                 head_gcs=head.gcs if head else None,
             )  # fmt: skip
             self.nodes[name], self.caches[name] = node, cache
@@ -85,7 +85,7 @@ class Cluster:
                 if node.proc.poll() is None:
                     continue
                 log = node.log.read_text()
-                if name == joining and "timed out during startup" in log:
+                if name == joining and servers.RAY_START_TIMED_OUT in log:
                     return False
                 pytest.fail(f"node {name} exited: {log[-3000:]}")
             with urllib.request.urlopen(f"{self.head.dashboard}/nodes?view=summary") as r:
