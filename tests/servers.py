@@ -158,13 +158,15 @@ def start_ray_node(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     dashboard: bool = True,
+    gpus: int = 0,
     retries: int = 2,
 ) -> RayNode:
     """`ray start --head` (no `head_gcs`) or a worker joining `head_gcs`, on 127.0.0.1 with
-    free ports and `cpus` CPUs; waits until the head's dashboard answers, starting the head
-    again (`retries` times at most) when Ray's start-up timed out, or returns at once (worker:
-    the caller checks that it joined)."""
-    node = _ray_start(temp, name, cpus, head_gcs, env, cwd, dashboard)
+    free ports, `cpus` CPUs and `gpus` declared GPUs (Ray schedules by the declared count, so a
+    CPU machine can stand in for a GPU node). A head is waited for until its dashboard answers,
+    and started again (`retries` times at most) when Ray's start-up timed out; a worker is
+    returned at once (the caller checks that it joined)."""
+    node = _ray_start(temp, name, cpus, gpus, head_gcs, env, cwd, dashboard)
     if node.dashboard is None or not dashboard:
         return node
     try:
@@ -174,8 +176,9 @@ def start_ray_node(
         if retries and RAY_START_TIMED_OUT in node.log.read_text():
             again = f"{name}-{retries}"
             return start_ray_node(
-                temp, again, cpus=cpus, env=env, cwd=cwd, dashboard=dashboard, retries=retries - 1
-            )
+                temp, again, cpus=cpus, env=env, cwd=cwd, dashboard=dashboard, gpus=gpus,
+                retries=retries - 1,
+            )  # fmt: skip
         raise
     return node
 
@@ -184,6 +187,7 @@ def _ray_start(
     temp: Path,
     name: str,
     cpus: int,
+    gpus: int,
     head_gcs: str | None,
     env: dict[str, str] | None,
     cwd: Path | None,
@@ -191,7 +195,7 @@ def _ray_start(
 ) -> RayNode:
     ports = iter(_free_ports(9))
     common = [
-        f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--node-ip-address=127.0.0.1",
         f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
         f"--metrics-export-port={next(ports)}", f"--dashboard-agent-listen-port={next(ports)}",
         f"--dashboard-agent-grpc-port={next(ports)}", f"--runtime-env-agent-port={next(ports)}",

@@ -1,5 +1,6 @@
 """The sweep on real Ray: the demo end to end on an embedded cluster, a two-worker TorchTrainer
-trial (DDP over gloo), and `ray job submit` against a `ray start --head` of our own.
+trial (DDP over gloo), `ray job submit` against a `ray start --head` of our own, and quarter-GPU
+trials sharing a head's one (declared) GPU.
 
 Slow (minutes on 2 CPUs) but run in CI. Every Ray here is started by the test itself: the
 embedded one with address="local", the head on free ports with its own temp dir, stopped by
@@ -268,3 +269,52 @@ def test_ray_job_submit_runs_the_demo(
         "mr0.3": [0, 1],
         "mr0.7": [0, 1],
     }
+
+
+def test_quarter_gpu_trials_share_one_gpu(tmp_path: Path, ray_env: None) -> None:
+    """`gpus_per_worker: 0.25` on a node with one GPU: trials hold a quarter each, so several run
+    on the one GPU at the same time (were the request a whole GPU, they would run one by one).
+    The head declares the GPU (`ray start --num-gpus=1`): Ray schedules by declared resources,
+    and with no CUDA device the trials train on the CPU."""
+    temp = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
+    head = servers.start_ray_node(temp, "head", cpus=2, gpus=1, env=servers.ray_env())
+    try:
+        space = small_demo_space(
+            tmp_path,
+            epochs=4,
+            studies={"mr": [0.3]},
+            search={
+                "algorithm": "tpe",
+                "seed": 0,
+                "num_samples": 4,
+                "max_concurrent": 4,
+                "asha": None,
+                "metric": "valid_loss",
+                "mode": "min",
+            },
+            resources={"workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 0.25},
+        )
+        run = subprocess.run(
+            [sys.executable, "-m", "imder_sweep.tune", "--space", str(space), "--address",
+             head.gcs, "--storage-path", str(tmp_path), "--experiment-name", "gpu",
+             "--no-tracking"],
+            env=servers.ray_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        logs = run.stdout + run.stderr
+        assert run.returncode == 0, logs[-5000:]
+        assert "0.5 CPU, 0.25 GPU" in logs  # the plan: what each trial asks Ray for
+        spans = []
+        for trial_dir in sorted((tmp_path / "gpu" / "mr0.3").glob("trial-*")):
+            results = read_results(trial_dir)
+            assert [r["epoch"] for r in results] == [1, 2, 3, 4]
+            spans.append(
+                (results[0]["timestamp"] - results[0]["time_total_s"], results[-1]["timestamp"])
+            )
+        assert len(spans) == 4
+        # The most trials running at one moment, with one GPU in the cluster.
+        at_once = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
+        assert at_once >= 2, spans
+    finally:
+        head.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+    print(f"{at_once} quarter-GPU trials ran at once on one GPU: {spans}")
