@@ -216,3 +216,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         second.write_bytes(b"second")
     assert target.read_bytes() == b"first"  # the outer block ends last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+
+
+def test_a_killed_writers_stale_temporary_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    """The next write of a file removes a temporary its killed writer left, once it is stale
+    (old, and its pid gone); a recent one, a live writer's and other files stay."""
+    target = tmp_path / "metrics.json"
+    done = subprocess.Popen(["true"])
+    done.wait()  # a pid that no longer runs
+    old = time.time() - storage.STALE_TMP_SECONDS - 60
+    left = {
+        "stale": f".metrics.json.{done.pid}-0123abcd.tmp",
+        "recent": f".metrics.json.{done.pid}-4567abcd.tmp",
+        "live writer": f".metrics.json.{os.getpid()}-89abcdef.tmp",
+        "not ours": ".metrics.json.backup.tmp",
+    }
+    for kind, name in left.items():
+        (tmp_path / name).write_bytes(b"half")
+        if kind != "recent":
+            os.utime(tmp_path / name, (old, old))
+    storage.write_bytes(str(target), b"{}")
+    assert target.read_bytes() == b"{}"
+    remaining = {p.name for p in tmp_path.iterdir()}
+    assert remaining == {"metrics.json", *left.values()} - {left["stale"]}
