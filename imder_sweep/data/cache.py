@@ -54,7 +54,7 @@ def _objects(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
         try:
             head = client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NotFound"):
+            if storage.is_missing(exc):
                 return []
             raise
         name = PurePosixPath(key).name

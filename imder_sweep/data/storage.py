@@ -68,13 +68,24 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
+def _code(exc: Any) -> str:
+    """The S3 error code of a botocore ClientError ("404", "NoSuchKey", "SlowDown", ...)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def is_missing(exc: Any) -> bool:
+    """Whether a botocore ClientError says the object or bucket is not there (a HEAD request
+    gets a bare 404, other requests name it)."""
+    return _code(exc) in _MISSING
+
+
 def _s3_error(exc: Exception, uri: str) -> DataError:
     """Translate a botocore exception into a DataError that names the URI."""
     from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
+        code = _code(exc)
         bucket, key = split_s3(uri)
         if code == "NoSuchBucket":
             return DataNotFoundError(f"{uri}: bucket {bucket!r} does not exist")
@@ -107,7 +118,7 @@ def _transient(exc: Exception) -> bool:
     )
 
     if isinstance(exc, ClientError):
-        return str(exc.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+        return _code(exc) in _TRANSIENT_CODES
     return isinstance(
         exc,
         EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError,
@@ -290,11 +301,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0: checks only
+        os.kill(pid, 0)  # signal 0: checks only; PermissionError: someone else's process
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
@@ -352,7 +363,7 @@ def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
         try:
             call()
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
+            if is_missing(exc):
                 return False
             raise
         return True
