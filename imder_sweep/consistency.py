@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import ArrayLike
 
-from imder_sweep.data import storage
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES, pattern_to_subset
+from imder_sweep.util import atomic_path
 
 # Probe scores kept in the report: the regression error, its correlation and the binary accuracy.
 PROBE_METRICS: tuple[str, ...] = ("mae", "corr", "acc2")
@@ -363,7 +363,7 @@ def write_recovered_parquet(
         }
     ).replace_schema_metadata({_META_D: str(d).encode(), _META_L: str(seq_len).encode()})
 
-    with storage.atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         pq.write_table(table, str(tmp))
 
 

@@ -16,6 +16,7 @@ import servers
 import yaml
 from mlflow.tracking import MlflowClient
 
+from imder_sweep import util
 from imder_sweep.data import DataAccessError, storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,16 +202,16 @@ def test_result_files_are_whole_after_a_crash(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
-    """Every result writer goes through `storage.atomic_path`: an error mid-write keeps the old
+    """Every result writer goes through `util.atomic_path`: an error mid-write keeps the old
     file and removes the temporary; two writers of one file never share a temporary."""
     target = tmp_path / "table.md"
     storage.write_bytes(str(target), b"old")
-    with pytest.raises(RuntimeError), storage.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError), util.atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
-    with storage.atomic_path(target) as first, storage.atomic_path(target) as second:
+    with util.atomic_path(target) as first, util.atomic_path(target) as second:
         assert first != second
         first.write_bytes(b"first")
         second.write_bytes(b"second")
@@ -224,7 +225,7 @@ def test_a_killed_writers_stale_temporary_is_removed_by_the_next_write(tmp_path:
     target = tmp_path / "metrics.json"
     done = subprocess.Popen(["true"])
     done.wait()  # a pid that no longer runs
-    old = time.time() - storage.STALE_TMP_SECONDS - 60
+    old = time.time() - util.STALE_TMP_SECONDS - 60
     left = {
         "stale": f".metrics.json.{done.pid}-0123abcd.tmp",
         "recent": f".metrics.json.{done.pid}-4567abcd.tmp",

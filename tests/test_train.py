@@ -130,7 +130,7 @@ def test_config_errors_name_file_key_and_value(
     tmp_path: Path, patch: dict, needle: str, capsys
 ) -> None:
     cfg_path = tmp_path / "bad.yaml"
-    from imder_sweep.model.config import deep_merge
+    from imder_sweep.util import deep_merge
 
     cfg_path.write_text(yaml.safe_dump(deep_merge(TINY, patch)))
     assert train_main(["--config", str(cfg_path), "--out", str(tmp_path / "o")]) == 2

@@ -35,6 +35,7 @@ from imder_sweep.data.dataset import (
     make_split,
 )
 from imder_sweep.modalities import MODALITIES
+from imder_sweep.util import atomic_path
 
 FORMAT = "imder-sweep-parquet"
 FORMAT_VERSION = 1
@@ -102,7 +103,7 @@ def write_parquet_dataset(
             storage.write_bytes(uri, memoryview(sink.getvalue()), endpoint_url=endpoint_url)
             continue
         try:
-            with storage.atomic_path(Path(uri)) as tmp:
+            with atomic_path(Path(uri)) as tmp:
                 pq.write_table(table, str(tmp), **options)
         except OSError as exc:
             raise DataError(f"{uri}: cannot write: {exc}") from exc

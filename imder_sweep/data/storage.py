@@ -10,19 +10,17 @@ from where it stopped, because one broken connection should not cost a 4 GB MOSE
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import io
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from imder_sweep.data.dataset import DataAccessError, DataError, DataNotFoundError
+from imder_sweep.util import atomic_path
 
 S3_MAX_ATTEMPTS = 5  # botocore attempts per request, first try included
 _RESUME_ATTEMPTS = 3  # re-opened GETs after a stream broke mid-transfer
@@ -273,52 +271,6 @@ def write_bytes(
             tmp.write_bytes(data)
     except OSError as exc:
         raise DataAccessError(f"{uri}: cannot write: {exc}") from exc
-
-
-# A temporary left by a killed writer is removed by the next write of the same file once it is
-# this old and its writer's pid is gone from this host (an old age guards writers on other hosts
-# of a shared file system, whose pids mean nothing here).
-STALE_TMP_SECONDS = 600
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A fresh temporary path beside `path` to write the file to; renamed over `path` when the
-    block ends, removed when it raises. Readers never see half a file under the final name, and
-    concurrent writers never share a temporary file (its name is unique). A process killed
-    mid-write leaves a hidden `.NAME.PID-ID.tmp` beside an intact `path`, which the next
-    successful write of `path` removes once it is stale (`STALE_TMP_SECONDS`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _remove_stale_temporaries(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: checks only; PermissionError: someone else's process
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp")
-    now = time.time()
-    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = pattern.fullmatch(sibling.name)
-        if match is None or _pid_alive(int(match[1])):
-            continue
-        with contextlib.suppress(OSError):  # gone already, or another writer's clean-up won
-            if now - sibling.stat().st_mtime > STALE_TMP_SECONDS:
-                sibling.unlink()
 
 
 def list_files(uri: str, *, endpoint_url: str | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imder_sweep.samplers import SOLVERS
+from imder_sweep.util import deep_merge
 
 
 class _Config(BaseModel):
@@ -221,14 +222,3 @@ def reference_mosei(**overrides: Any) -> ModelConfig:
 
 
 PRESETS = {"reference_mosi": reference_mosi, "reference_mosei": reference_mosei}
-
-
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `overrides` into a copy of `base` (nested dicts merge, values replace)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -15,12 +15,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
-from imder_sweep.model.config import deep_merge
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.space import Space, validated_space
 from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
 from imder_sweep.train.loop import pretrain_key
+from imder_sweep.util import deep_merge
 
 SMOKE = {"epochs": 2, "pretrain_epochs": 1, "num_samples": 2, "seeds": 2, "studies": 2}
 SMOKE_SCALE = 0.05  # synthetic data scale under --smoke

@@ -52,7 +52,6 @@ from pydantic import (
 
 from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
-from imder_sweep.model.config import deep_merge
 from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
 from imder_sweep.train.config import (
     ConfigError,
@@ -60,8 +59,8 @@ from imder_sweep.train.config import (
     format_validation_error,
     load_yaml,
     resolve_trial_config,
-    set_dotted,
 )
+from imder_sweep.util import deep_merge, nest
 
 # Keys a space may not search: the studies, the data and the search itself decide them.
 RESERVED_KEYS: dict[str, str] = {
@@ -454,14 +453,6 @@ class Space:
     def max_t(self) -> int:
         asha = self.file.search.asha
         return asha.max_t if asha is not None and asha.max_t is not None else self.epochs
-
-
-def nest(params: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys -> nested dict (`{"model.beta": 0.1}` -> `{"model": {"beta": 0.1}}`)."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        set_dotted(out, key, value)
-    return out
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 
 from imder_sweep.data import MultimodalDataset, storage
 from imder_sweep.data.cache import NodeCachedDataset
-from imder_sweep.sweep.space import Resources, nest
+from imder_sweep.sweep.space import Resources
 from imder_sweep.sweep.tracked import (
     SweepTracking,
     final_run_name,
@@ -39,11 +39,11 @@ from imder_sweep.train.config import TrialConfig, resolve_trial_config
 from imder_sweep.train.loop import (
     DataParallel,
     TrialResult,
-    atomic_write_bytes,
     pretrain_key,
     run_pretrain,
     run_trial,
 )
+from imder_sweep.util import atomic_write_bytes, nest
 
 STATE_FILE = "state.pt"  # inside a reported checkpoint directory (the loop's `train-state`)
 PRETRAIN_FILES = ("model.pt", "meta.json")

@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imder_sweep.modalities import subset_to_pattern
-from imder_sweep.model.config import PRESETS, ModelConfig, deep_merge
+from imder_sweep.model.config import PRESETS, ModelConfig
 from imder_sweep.protocols import normalize_mr
+from imder_sweep.util import ConfigError, deep_merge, set_dotted
 
 
 class _Config(BaseModel):
@@ -114,22 +115,6 @@ REFERENCE_TRAIN: dict[str, dict[str, Any]] = {
     "reference_mosi": {"batch_size": 32, "grad_clip": 1.0, "plateau_patience": 24},
     "reference_mosei": {"batch_size": 128, "grad_clip": 0.6, "plateau_patience": 5},
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased for the user (file, key, value)."""
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict, creating levels as needed."""
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {k!r} is a value, not a section")
-        node = child
-    node[keys[-1]] = value
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

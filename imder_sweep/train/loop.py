@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imder_sweep.data import MultimodalDataset, load_dataset, storage
+from imder_sweep.data import MultimodalDataset, load_dataset
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
 from imder_sweep.protocols import realised_mr, split_masks
 from imder_sweep.train.config import ConfigError, TrialConfig
+from imder_sweep.util import atomic_path, atomic_write_json
 
 SPLITS = ("train", "valid", "test")
 # Modules stage (a) trains; stage (b) starts from them.
@@ -135,18 +136,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    with storage.atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    with storage.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
