@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,21 @@ def nest(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         set_dotted(out, key, value)
     return out
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    """Whether `value` improves on `best` in direction `mode` ("min" or "max"); NaN never
+    improves, and anything but NaN improves on no best (None or NaN)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def best_of(values: Iterable[float], mode: str) -> float:
+    """The best finite value in direction `mode` ("min" or "max"); NaN if there is none."""
+    finite = [float(v) for v in values if isinstance(v, int | float) and not math.isnan(v)]
+    if not finite:
+        return math.nan
+    return min(finite) if mode == "min" else max(finite)

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from imder_sweep.data.dataset import SPLITS
 from imder_sweep.metrics import format_cell
 from imder_sweep.sweep.experiment import TABLE_CSV, TABLE_MD, ExperimentDir
 
 CELL_METRICS = ("acc2", "f1", "acc7")
 CSV_METRICS = (*CELL_METRICS, "mae", "corr")
-SPLITS = ("train", "valid", "test")
 TITLES = {
     "mr": "Random missing protocol (layout of the paper's Table 2)",
     "subset": "Fixed missing protocol (layout of the paper's Table 1)",

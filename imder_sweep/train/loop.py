@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imder_sweep.data import MultimodalDataset, load_dataset
+from imder_sweep.data import SPLITS, MultimodalDataset, load_dataset
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
@@ -36,7 +36,6 @@ from imder_sweep.protocols import realised_mr, split_masks
 from imder_sweep.train.config import ConfigError, TrialConfig
 from imder_sweep.util import atomic_path, atomic_write_json
 
-SPLITS = ("train", "valid", "test")
 # Modules stage (a) trains; stage (b) starts from them.
 PRETRAINED_PREFIXES = ("encoders.", "fusion.")
 
