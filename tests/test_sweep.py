@@ -472,7 +472,7 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_stop_epochs_cover_every_asha_rung() -> None:
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from imder_sweep.sweep.tracked import stop_epochs
+    from imder_sweep.sweep.mlflow_runs import stop_epochs
 
     for grace, rf, max_t in [(1, 2, 3), (1, 2, 30), (2, 3, 50), (5, 4, 5), (1, 2.5, 40)]:
         rungs = {int(m) for m, _ in _Bracket(grace, max_t, rf, 0)._rungs}
@@ -481,7 +481,7 @@ def test_stop_epochs_cover_every_asha_rung() -> None:
 
 
 def test_metrics_are_flushed_before_a_report_tune_may_end_the_trial_on() -> None:
-    from imder_sweep.sweep.tracked import logged_first
+    from imder_sweep.sweep.mlflow_runs import logged_first
 
     calls: list[tuple[str, int]] = []
 

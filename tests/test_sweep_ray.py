@@ -140,9 +140,9 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
 
     from imder_sweep.data import load_dataset
     from imder_sweep.sweep import driver
+    from imder_sweep.sweep.mlflow_runs import SweepTracking
     from imder_sweep.sweep.plan import make_plan
     from imder_sweep.sweep.space import Resources
-    from imder_sweep.sweep.tracked import SweepTracking
     from imder_sweep.sweep.trial import TrialContext, final_run
     from imder_sweep.tracking import Tracker
 

@@ -29,18 +29,17 @@ from imder_sweep.data import MultimodalDataset, load_dataset, storage
 from imder_sweep.data.cache import NodeCachedDataset
 from imder_sweep.sweep import tables
 from imder_sweep.sweep.experiment import PLAN
-from imder_sweep.sweep.plan import Plan
-from imder_sweep.sweep.progress import TrialTable, emit, trial_state
-from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
-from imder_sweep.sweep.tracked import (
+from imder_sweep.sweep.mlflow_runs import (
     CloseTrialRuns,
     SweepTracking,
     final_run_name,
     log_pretraining,
-    search_trial_artifacts,
     start_pretrain_runs,
     stop_epochs,
 )
+from imder_sweep.sweep.plan import Plan
+from imder_sweep.sweep.progress import TrialTable, emit, trial_state
+from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
 from imder_sweep.sweep.trial import (
     DRIVER_RESOURCES,
     PRETRAIN_FILES,
@@ -49,6 +48,7 @@ from imder_sweep.sweep.trial import (
     final_run,
     imder_trial,
     pretrain_blob,
+    search_trial_artifacts,
 )
 from imder_sweep.tracking import (
     MlflowReporter,

@@ -1,4 +1,5 @@
-"""What runs inside Ray: pretraining, the per-trial function, the Train worker loop, final runs.
+"""What runs inside Ray: pretraining, the per-trial function, the Train worker loop, final runs,
+and the search trials' artifacts.
 
 A sweep is three nested layers, as Ray's Train + Tune docs cut it: the per-worker loop
 (`train_loop_per_worker`: `run_trial` with a reporter that calls `ray.train.report`, DDP across
@@ -27,19 +28,24 @@ import torch
 
 from imder_sweep.data import MultimodalDataset, storage
 from imder_sweep.data.cache import NodeCachedDataset
-from imder_sweep.sweep.space import Resources
-from imder_sweep.sweep.tracked import (
+from imder_sweep.model import IMDer
+from imder_sweep.sweep.mlflow_runs import (
     SweepTracking,
     final_run_name,
     logged_first,
     trial_run_name,
 )
+from imder_sweep.sweep.space import Resources
 from imder_sweep.tracking import MlflowReporter
+from imder_sweep.tracking import runs as tags
 from imder_sweep.train.config import TrialConfig, resolve_trial_config
 from imder_sweep.train.loop import (
     DataParallel,
     TrialResult,
+    export_recovered_features,
+    prepare_splits,
     pretrain_key,
+    resolve_device,
     run_pretrain,
     run_trial,
 )
@@ -410,3 +416,38 @@ def final_run(ctx: TrialContext, params: dict[str, Any], seed: int, keep: str) -
         result = fit_torch_trainer(ctx, params, in_tune=False, seed=seed, keep=keep)
         return json.loads(result.metrics["result"])
     return run_in_process(ctx, params, seed=seed, evaluate_test=True, keep=keep).to_json()
+
+
+def search_trial_artifacts(
+    ctx: TrialContext, params: dict[str, Any], trial_id: str, checkpoint: Any, status: str
+) -> str | None:
+    """After the search, the body of a Ray task per trial: export the trial's best-on-valid
+    checkpoint (valid split only), log the recovered features, consistency numbers and
+    pictures, tag how the trial ended and close its run. Done here rather than in the trial,
+    so ASHA-stopped trials, whose process Tune ended, get theirs too."""
+    tracking: SweepTracking = ctx.tracking
+    tracker = tracking.tracker
+    run_id = tracker.find_child_run(
+        tracking.experiment_id, tracking.parent_run_id, trial_run_name(ctx.study, trial_id)
+    )
+    if run_id is None:
+        return None
+    torch.set_num_threads(ctx.resources.threads)
+    if checkpoint is not None:
+        cfg = ctx.config(params)
+        device = resolve_device(cfg.train.device)
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        model = IMDer(cfg.model).to(device)
+        model.load_state_dict(state["best_state"])
+        splits = prepare_splits(get_dataset(ctx.dataset), cfg, device)
+        with tempfile.TemporaryDirectory(prefix="imder-artifacts-") as tmp:
+            out = Path(tmp)
+            export_recovered_features(model, splits, cfg, out, ("valid",))
+            (out / "metrics.json").write_text(
+                json.dumps({"best_epoch": state["best_epoch"], "valid": state["best_metrics"]})
+            )
+            tracker.log_trial_artifacts(run_id, out, splits=("valid",))
+    tracker.set_tags(run_id, {tags.TRIAL_STATUS: status})
+    tracker.close_run(run_id, "FAILED" if status == "error" else "FINISHED")
+    return run_id

@@ -274,7 +274,7 @@ class Tracker:
             chosen = {split: report[split] for split in splits}
             (staged / "consistency.json").write_text(json.dumps(chosen, indent=2, sort_keys=True))
             logged.append("consistency.json")
-            self._log_metrics(run_id, _consistency_metrics(chosen), once=True)
+            self.log_metrics(run_id, _consistency_metrics(chosen), once=True)
             if (out / "metrics.json").exists():
                 self.client.log_artifact(run_id, str(out / "metrics.json"))
                 logged.append("metrics.json")
@@ -309,13 +309,14 @@ class Tracker:
         ).savefig(staged / "figures" / names[1])
         return [f"figures/{name}" for name in names]
 
-    def _log_metrics(
+    def log_metrics(
         self, run_id: str, values: Mapping[str, float], *, step: int = 0, once: bool = False
     ) -> None:
+        """Log `values` at `step`, stamped now. With `once`, keys the run holds already are
+        left out (a retried final run logs its artifacts again, a restarted driver closes a
+        pretraining run again), so no metric appears twice."""
         from mlflow.entities import Metric
 
-        # With `once`, keys the run holds already are left out: a retried final run logs its
-        # artifacts again, and its metrics must not appear twice.
         present = self.client.get_run(run_id).data.metrics if once else {}
         timestamp = int(time.time() * 1000)
         metrics = [
@@ -361,7 +362,7 @@ class Tracker:
                     importances, metric=metric, title=f"{run_name}: parameter importances"
                 ).savefig(staged / "param_importances.png")
                 logged.append("optuna/param_importances.png")
-                self._log_metrics(
+                self.log_metrics(
                     parent_run_id,
                     {f"param_importance/{k}": v for k, v in importances.items()},
                     step=len(records),

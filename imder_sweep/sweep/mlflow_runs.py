@@ -12,25 +12,21 @@ checkpoint after the search, so ASHA-stopped trials get theirs too.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray.tune import Callback
 
 from imder_sweep.sweep.progress import trial_state
 from imder_sweep.tracking import MlflowReporter, Tracker, flatten_params, trial_tags
+from imder_sweep.tracking import runs as tags
 from imder_sweep.train.config import TrialConfig
 from imder_sweep.train.loop import Reporter
 
-PRETRAIN_RUN_TAG = "imder.pretrain_run_id"
-TRIAL_STATUS_TAG = "imder.trial_status"
-DATA_SHA256_TAG = "imder.data_sha256"
 log = logging.getLogger(__name__)
 
 
@@ -57,14 +53,14 @@ class SweepTracking:
     ) -> str:
         """Get or create the child run of one trial or final seed, with params and tags."""
         config = cfg.model_dump(mode="json")
-        tags = trial_tags(config, study=study, trial_id=trial_id, kind=kind)
+        labels = trial_tags(config, study=study, trial_id=trial_id, kind=kind)
         pretrain = dict(self.pretrain_runs).get(cfg.seed)
         if pretrain:
-            tags[PRETRAIN_RUN_TAG] = pretrain
+            labels[tags.PRETRAIN_RUN_ID] = pretrain
         if self.data_sha256:
-            tags[DATA_SHA256_TAG] = self.data_sha256
+            labels[tags.DATA_SHA256] = self.data_sha256
         return self.tracker.start_child_run(
-            self.experiment_id, self.parent_run_id, run_name, flatten_params(config), tags
+            self.experiment_id, self.parent_run_id, run_name, flatten_params(config), labels
         )
 
 
@@ -136,59 +132,11 @@ def log_pretraining(
         values.update(
             best_epoch=float(meta.get("best_epoch", 0)), seconds=float(meta.get("seconds", 0.0))
         )
-        present = tracker.client.get_run(run_id).data.metrics
-        tracker.client.log_batch(
-            run_id, metrics=[m for m in _metrics(values) if m.key not in present]
-        )
+        # A restarted driver closes the run again: metrics it holds are not logged twice.
+        finite = {k: v for k, v in values.items() if not math.isnan(v)}
+        tracker.log_metrics(run_id, finite, once=True)
         tracker.close_run(run_id, "FINISHED")
     return replace(tracking, pretrain_runs=tuple(sorted(runs.items())))
-
-
-def _metrics(values: dict[str, float]) -> list[Any]:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, v, now, 0) for k, v in values.items() if v == v]  # drop NaN
-
-
-def search_trial_artifacts(
-    ctx: Any, params: dict[str, Any], trial_id: str, checkpoint: Any, status: str
-) -> str | None:
-    """After the search: export the trial's best-on-valid checkpoint (valid split only), log the
-    recovered features, consistency numbers and pictures, and close its run. A Ray task."""
-
-    from imder_sweep.model import IMDer
-    from imder_sweep.sweep.trial import get_dataset  # trial.py imports this module
-    from imder_sweep.train.loop import export_recovered_features, prepare_splits, resolve_device
-
-    tracking: SweepTracking = ctx.tracking
-    tracker = tracking.tracker
-    run_id = tracker.find_child_run(
-        tracking.experiment_id, tracking.parent_run_id, trial_run_name(ctx.study, trial_id)
-    )
-    if run_id is None:
-        return None
-    torch.set_num_threads(ctx.resources.threads)
-    if checkpoint is not None:
-        cfg = ctx.config(params)
-        device = resolve_device(cfg.train.device)
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
-        model = IMDer(cfg.model).to(device)
-        model.load_state_dict(state["best_state"])
-        splits = prepare_splits(get_dataset(ctx.dataset), cfg, device)
-        with tempfile.TemporaryDirectory(prefix="imder-artifacts-") as tmp:
-            out = Path(tmp)
-            export_recovered_features(model, splits, cfg, out, ("valid",))
-            (out / "metrics.json").write_text(
-                json.dumps({"best_epoch": state["best_epoch"], "valid": state["best_metrics"]})
-            )
-            tracker.log_trial_artifacts(run_id, out, splits=("valid",))
-    tracker.set_tags(run_id, {TRIAL_STATUS_TAG: status})
-    tracker.close_run(run_id, "FAILED" if status == "error" else "FINISHED")
-    return run_id
 
 
 class CloseTrialRuns(Callback):
@@ -208,7 +156,7 @@ class CloseTrialRuns(Callback):
                 trial_run_name(self.study, trial.trial_id),
             )
             if run_id is not None:
-                tracker.set_tags(run_id, {TRIAL_STATUS_TAG: status})
+                tracker.set_tags(run_id, {tags.TRIAL_STATUS: status})
                 tracker.close_run(run_id, run_status)
         except Exception as exc:  # the sweep goes on; the driver closes the run after the search
             log.warning("tracking: could not close the run of trial %s: %s", trial.trial_id, exc)
