@@ -19,7 +19,12 @@ from imder_sweep import tune as tune_cli
 from imder_sweep.sweep import tables
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.plan import describe, make_plan
-from imder_sweep.sweep.space import load_space, packaged_spaces, resolve_space_path
+from imder_sweep.sweep.space import (
+    load_space,
+    packaged_spaces,
+    resolve_space_path,
+    validated_space,
+)
 from imder_sweep.train.config import ConfigError
 from imder_sweep.train.loop import DataParallel
 
@@ -280,18 +285,26 @@ def test_pretrain_changing_keys_are_named(tmp_path: Path) -> None:
 # --- search-side pieces ------------------------------------------------------------------------
 
 
-def test_optuna_distributions() -> None:
+@pytest.mark.parametrize(
+    ("yaml_value", "kind", "fields"),
+    [
+        ({"choice": [10, 25]}, "CategoricalDistribution", {"choices": (10, 25)}),
+        ({"uniform": [5, 50], "step": 5}, "FloatDistribution", {"low": 5, "step": 5, "log": False}),
+        ({"uniform": [0.1, 0.9]}, "FloatDistribution", {"high": 0.9, "step": None}),
+        ({"loguniform": [0.01, 1.0]}, "FloatDistribution", {"low": 0.01, "log": True}),
+        ({"int": [5, 50], "step": 5}, "IntDistribution", {"low": 5, "high": 50, "step": 5}),
+    ],
+)
+def test_each_distribution_is_its_own_optuna_distribution(
+    yaml_value: dict[str, Any], kind: str, fields: dict[str, Any]
+) -> None:
     import optuna
 
-    from imder_sweep.sweep.driver import optuna_distribution
-
-    space = load_space(ROOT / "search_spaces" / "mr.yaml").file.space
-    beta = optuna_distribution(space["model.beta"])
-    sigma = optuna_distribution(space["model.sde.sigma"])
-    steps = optuna_distribution(space["model.sampler.steps"])
-    assert isinstance(beta, optuna.distributions.FloatDistribution) and beta.log
-    assert (sigma.low, sigma.high, sigma.step) == (5.0, 50.0, 5.0)
-    assert steps.choices == (10, 25, 50, 100)
+    raw = demo_raw()
+    raw["space"] = {"model.beta": yaml_value}
+    dist = validated_space(raw, "space.yaml").file.space["model.beta"].to_optuna()
+    assert type(dist) is getattr(optuna.distributions, kind)
+    assert {k: getattr(dist, k) for k in fields} == fields
 
 
 def _result(trial_id: str, values: list[float], beta: float, *, error: bool = False, done=True):

@@ -39,7 +39,7 @@ from imder_sweep.sweep.mlflow_runs import (
 )
 from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import TrialTable, emit, trial_state
-from imder_sweep.sweep.space import Choice, IntRange, LogUniform, Resources, Study, Uniform
+from imder_sweep.sweep.space import Resources, Study
 from imder_sweep.sweep.trial import (
     DRIVER_RESOURCES,
     PRETRAIN_FILES,
@@ -62,19 +62,6 @@ from imder_sweep.train.loop import pretrain_key
 
 MIN_OBJECT_STORE = 256 * 2**20
 Out = Callable[[str], None]
-
-
-def optuna_distribution(dist: Any) -> optuna.distributions.BaseDistribution:
-    if isinstance(dist, Choice):
-        return optuna.distributions.CategoricalDistribution(dist.choice)
-    if isinstance(dist, Uniform):
-        lo, hi = dist.uniform
-        return optuna.distributions.FloatDistribution(lo, hi, step=dist.step)
-    if isinstance(dist, LogUniform):
-        return optuna.distributions.FloatDistribution(*dist.loguniform, log=True)
-    if isinstance(dist, IntRange):
-        return optuna.distributions.IntDistribution(*dist.bounds, step=dist.step)
-    raise TypeError(f"no Optuna distribution for {dist!r}")
 
 
 def dataset_bytes(dataset: MultimodalDataset) -> int:
@@ -236,7 +223,7 @@ def search_study(
     # built with its space refuses them later (and, under max_concurrent_trials' limiter,
     # would never receive them).
     searcher = OptunaSearch(
-        space={k: optuna_distribution(d) for k, d in sp.file.space.items()},
+        space={k: d.to_optuna() for k, d in sp.file.space.items()},
         metric=s.metric,
         mode=s.direction,
         sampler=sampler,

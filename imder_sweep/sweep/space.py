@@ -23,10 +23,11 @@ A space file is YAML with these sections, all validated here, before Ray starts:
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}
     final: {seeds: 5}
 
-Every point a distribution can produce is probed (choices, ints and both ends plus interior
-points of float ranges) by building the trial config it would give, so a value that cannot be
-built (a UNet width whose channels the attention heads do not divide, say) fails here with the
-file, key and value, not in the middle of a sweep.
+The distributions are in `imder_sweep.sweep.distributions`. Every point a distribution can
+produce is probed (choices, ints and both ends plus interior points of float ranges) by building
+the trial config it would give, so a value that cannot be built (a UNet width whose channels the
+attention heads do not divide, say) fails here with the file, key and value, not in the middle
+of a sweep.
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -53,6 +51,7 @@ from pydantic import (
 from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
 from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
+from imder_sweep.sweep.distributions import Distribution, Strict
 from imder_sweep.train.config import (
     ConfigError,
     TrialConfig,
@@ -76,147 +75,6 @@ RESERVED_KEYS: dict[str, str] = {
 SELECTABLE_METRICS: tuple[str, ...] = ("loss", *METRIC_NAMES)
 _MINIMISED = ("loss", "mae")
 MAX_PROBE_COMBINATIONS = 1024
-FLOAT_PROBES = 5  # points probed in a float range, both ends included
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (bool, int, float, str))
-
-
-class Choice(_Strict):
-    """One of a list of values (any YAML scalars)."""
-
-    choice: list[Any] = Field(min_length=1)
-
-    @field_validator("choice")
-    @classmethod
-    def _scalars(cls, values: list[Any]) -> list[Any]:
-        for v in values:
-            if not _is_scalar(v):
-                raise ValueError(f"choices must be numbers, strings or booleans, got {v!r}")
-        if len({(type(v), v) for v in values}) != len(values):
-            raise ValueError(f"choices must be distinct, got {values}")
-        return values
-
-    def probes(self) -> list[Any]:
-        return list(self.choice)
-
-    def describe(self) -> str:
-        return f"choice {self.choice}"
-
-
-class Uniform(_Strict):
-    """A float drawn uniformly from [lo, hi], on a grid of `step` if given."""
-
-    uniform: tuple[float, float]
-    step: float | None = Field(None, gt=0.0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Uniform:
-        lo, hi = self.uniform
-        if not lo < hi:
-            raise ValueError(f"uniform needs lo < hi, got [{lo}, {hi}]")
-        if self.step is not None:
-            n = (hi - lo) / self.step
-            if not math.isclose(n, round(n), abs_tol=1e-9):
-                raise ValueError(f"uniform [{lo}, {hi}]: step {self.step} does not divide hi - lo")
-        return self
-
-    def probes(self) -> list[float]:
-        lo, hi = self.uniform
-        if self.step is not None:
-            n = round((hi - lo) / self.step)
-            ks = sorted({round(i * n / (FLOAT_PROBES - 1)) for i in range(FLOAT_PROBES)})
-            return [lo + k * self.step for k in ks]
-        return [lo + (hi - lo) * i / (FLOAT_PROBES - 1) for i in range(FLOAT_PROBES)]
-
-    def describe(self) -> str:
-        step = f" step {self.step:g}" if self.step is not None else ""
-        return f"uniform [{self.uniform[0]:g}, {self.uniform[1]:g}]{step}"
-
-
-class LogUniform(_Strict):
-    """A float whose log is uniform on [log lo, log hi]."""
-
-    loguniform: tuple[float, float]
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LogUniform:
-        lo, hi = self.loguniform
-        if not 0.0 < lo < hi:
-            raise ValueError(f"loguniform needs 0 < lo < hi, got [{lo}, {hi}]")
-        return self
-
-    def probes(self) -> list[float]:
-        lo, hi = self.loguniform
-        n = FLOAT_PROBES - 1
-        return [lo * (hi / lo) ** (i / n) for i in range(FLOAT_PROBES)]
-
-    def describe(self) -> str:
-        return f"loguniform [{self.loguniform[0]:g}, {self.loguniform[1]:g}]"
-
-
-class IntRange(_Strict):
-    """An integer in [lo, hi] (both included) on a grid of `step`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    bounds: tuple[int, int] = Field(alias="int")
-    step: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        lo, hi = self.bounds
-        if not lo < hi:
-            raise ValueError(f"int needs lo < hi, got [{lo}, {hi}]")
-        if (hi - lo) % self.step:
-            raise ValueError(f"int [{lo}, {hi}]: step {self.step} does not divide hi - lo")
-        return self
-
-    def values(self) -> range:
-        return range(self.bounds[0], self.bounds[1] + 1, self.step)
-
-    def probes(self) -> list[int]:
-        values = self.values()
-        if len(values) <= 16:
-            return list(values)
-        return sorted({values[round(i * (len(values) - 1) / 4)] for i in range(5)})
-
-    def describe(self) -> str:
-        step = f" step {self.step}" if self.step != 1 else ""
-        return f"int [{self.bounds[0]}, {self.bounds[1]}]{step}"
-
-
-DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "int")
-
-
-def _distribution_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        kinds = [k for k in DISTRIBUTION_KINDS if k in value]
-        return kinds[0] if len(kinds) == 1 else None
-    return {Choice: "choice", Uniform: "uniform", LogUniform: "loguniform", IntRange: "int"}.get(
-        type(value)
-    )
-
-
-Distribution = Annotated[
-    Annotated[Choice, Tag("choice")]
-    | Annotated[Uniform, Tag("uniform")]
-    | Annotated[LogUniform, Tag("loguniform")]
-    | Annotated[IntRange, Tag("int")],
-    Discriminator(
-        _distribution_kind,
-        custom_error_type="distribution",
-        custom_error_message=(
-            "expected a mapping with exactly one of choice: [...], uniform: [lo, hi], "
-            "loguniform: [lo, hi] or int: [lo, hi] (uniform and int take an optional step)"
-        ),
-    ),
-]
 
 
 def _paper_mr(mr: float) -> float:
@@ -232,7 +90,7 @@ def _subset(subset: str) -> str:
     return pattern_to_subset(subset_to_pattern(subset))  # canonical spelling: "vl" -> "lv"
 
 
-class Studies(_Strict):
+class Studies(Strict):
     """One study per missing rate and/or per fixed-protocol subset."""
 
     mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
@@ -252,7 +110,7 @@ class Studies(_Strict):
         return self
 
 
-class Asha(_Strict):
+class Asha(Strict):
     """ASHA early stopping over stage-(b) epochs."""
 
     grace_period: int = Field(1, ge=1)
@@ -260,7 +118,7 @@ class Asha(_Strict):
     max_t: int | None = Field(None, ge=1)  # default: train.epochs
 
 
-class Search(_Strict):
+class Search(Strict):
     algorithm: Literal["tpe", "random"] = "tpe"
     seed: int = Field(0, ge=0)
     num_samples: int = Field(8, ge=1)
@@ -299,7 +157,7 @@ class Search(_Strict):
         return "min" if self.selected in _MINIMISED else "max"
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """Per trial: `workers` Ray Train workers, each with these CPUs and (fractional) GPUs.
 
     `trainer`: `function` runs the loop inside the Tune trial (one worker, ~3-5 s overhead),
@@ -335,7 +193,7 @@ class Resources(_Strict):
         return max(1, int(self.cpus_per_worker))
 
 
-class Final(_Strict):
+class Final(Strict):
     """The final evaluation: the best configuration retrained over these seeds, tested once."""
 
     seeds: list[int] = Field(default_factory=lambda: list(range(5)))
@@ -357,7 +215,7 @@ class Final(_Strict):
         return seeds
 
 
-class SpaceFile(_Strict):
+class SpaceFile(Strict):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     tracking_uri: str | None = None  # MLflow; the --tracking-uri flag wins
     fixed: dict[str, Any] = Field(default_factory=dict)
@@ -487,7 +345,7 @@ def check_key(key: str) -> str | None:
     return None
 
 
-def _probe_points(dists: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _probe_points(dists: dict[str, Distribution]) -> Iterator[dict[str, Any]]:
     """Every key's probes alone (others at their fixed values), then combinations: the full
     product when small, else all-low and all-high corners."""
     probes = {k: d.probes() for k, d in dists.items()}
