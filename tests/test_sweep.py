@@ -319,7 +319,7 @@ def _result(trial_id: str, values: list[float], beta: float, *, error: bool = Fa
 
 
 def test_selection_is_on_the_best_validation_epoch() -> None:
-    from imder_sweep.sweep.driver import summarise_search
+    from imder_sweep.sweep.search import summarise_search
 
     grid = [
         _result("a", [1.0, 0.9, 0.95], 0.1),

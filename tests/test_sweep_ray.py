@@ -139,7 +139,7 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
     import ray
 
     from imder_sweep.data import load_dataset
-    from imder_sweep.sweep import driver
+    from imder_sweep.sweep import driver, final, search
     from imder_sweep.sweep.mlflow_runs import SweepTracking
     from imder_sweep.sweep.plan import make_plan
     from imder_sweep.sweep.space import Resources
@@ -179,7 +179,7 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
             resources=plan.space.resources,
             tracking=driver.study_tracking(plan, tracking, parent),
         )
-        summary = driver.search_study(plan, study, ctx, print)
+        summary = search.search_study(plan, study, ctx, print)
         (trial,) = summary["trials"]
         assert trial["status"] == "terminated" and trial["epochs"] == 2
         trial_dir = next((tmp_path / "two" / "mr0.3").glob("trial-*"))
@@ -188,7 +188,7 @@ def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
         assert {r["world_size"] for r in results} == {2}  # reported through TuneReportCallback
         # The Train run is named after the trial, so a retried trial would resume it.
         assert (tmp_path / "two" / "train-runs" / f"mr0.3-{trial['trial_id']}").is_dir()
-        finals = driver.final_evaluation(plan, study, ctx, summary["best"]["params"], print)
+        finals = final.final_evaluation(plan, study, ctx, summary["best"]["params"], print)
         assert set(finals[0]["test"]) >= {"acc2", "f1", "acc7"}
         # Two DDP workers of 16 = one process with the global batch of 32: same noise per
         # sample, averaged gradients, masks fixed per sample (the demo has no dropout).

@@ -17,6 +17,8 @@ from ray.tune import Callback
 
 from imder_sweep.sweep.tables import short_names
 
+Out = Callable[[str], None]  # where the driver's progress lines go: `emit`, or a test's list
+
 
 def emit(line: str) -> None:
     """Print a progress line now (job logs and pipes buffer otherwise).
@@ -24,6 +26,12 @@ def emit(line: str) -> None:
     A module-level function, not `print` itself: Tune pickles its callbacks, and Ray's workers
     replace `builtins.print`, which pickle then refuses as "not the same object"."""
     print(line, flush=True)
+
+
+def last_line(exc: BaseException) -> str:
+    """The message of a remote error: its traceback's last line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def trial_state(status: str, last: dict[str, Any]) -> str:
@@ -50,7 +58,7 @@ class TrialTable(Callback):
         max_t: int,
         num_samples: int,
         interval: float = 15.0,
-        out: Callable[[str], None] = emit,
+        out: Out = emit,
     ) -> None:
         self.study, self.label, self.keys = study, label, keys
         self.metric, self.mode, self.max_t, self.num_samples = metric, mode, max_t, num_samples

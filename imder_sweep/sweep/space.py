@@ -366,9 +366,9 @@ def _shown(params: dict[str, Any]) -> str:
     return ", ".join(f"space.{k}={v!r}" for k, v in params.items())
 
 
-def validate_space(file: SpaceFile, origin: str) -> None:
-    """Everything a model validator cannot see: reserved and unknown keys, the fixed section,
-    and every probed point of the space as a buildable trial config."""
+def _section_problems(file: SpaceFile, origin: str) -> list[str]:
+    """Every problem of the file's sections against each other, one line each: keys that
+    cannot be searched, a fixed section that sets what the studies or the search decide."""
     problems = []
     for key in file.space:
         why = check_key(key)
@@ -398,9 +398,14 @@ def validate_space(file: SpaceFile, origin: str) -> None:
                 f"{origin}: fixed.train.{key}: {train[key]!r} disagrees with search.metric "
                 f"{search.metric!r} ({search.direction}); leave it out, the search sets it"
             )
-    if problems:
-        raise ConfigError("\n".join(problems))
+    return problems
 
+
+def validate_space(file: SpaceFile, origin: str) -> None:
+    """Everything a model validator cannot see: reserved and unknown keys, the fixed section,
+    and every probed point of the space as a buildable trial config."""
+    if problems := _section_problems(file, origin):
+        raise ConfigError("\n".join(problems))
     space = Space(origin, file)
     studies = space.studies()
     # The fixed part alone, for every study: errors name the fixed section.

@@ -4,7 +4,7 @@ and the search trials' artifacts.
 A sweep is three nested layers, as Ray's Train + Tune docs cut it: the per-worker loop
 (`train_loop_per_worker`: `run_trial` with a reporter that calls `ray.train.report`, DDP across
 workers), the per-trial driver (`imder_trial`, a Tune function trainable) and the Tuner
-(`driver.py`). With one worker per trial (IMDer's common case) the per-trial driver runs the loop
+(`search.py`). With one worker per trial (IMDer's common case) the per-trial driver runs the loop
 in its own process and reports with `ray.tune.report`: a TorchTrainer costs ~25-30 s of controller
 and worker start-up per trial against ~3-5 s for the plain function. `resources.trainer` picks.
 
@@ -287,6 +287,48 @@ def imder_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     )
 
 
+def _send_from_rank(rank: int) -> Callable[[dict[str, Any], Path | None], None]:
+    """A worker's `ray.train.report`: a barrier across ranks, of which only rank 0's metrics
+    and checkpoint are kept."""
+    import ray.train
+
+    def send(metrics: dict[str, Any], ckpt: Path | None) -> None:
+        keep_ckpt = ckpt is not None and rank == 0
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if keep_ckpt else None
+        )
+
+    return send
+
+
+def _data_parallel(rank: int, world: int) -> DataParallel | None:
+    """The loop's DDP hooks for this rank (None for one worker), the model wrapped by Train."""
+    import ray.train.torch
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        # Unused parameters differ per batch: at MR 0 nothing is recovered, and ranks miss
+        # different modalities.
+        return ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+
+    return DataParallel(rank, world, wrap) if world > 1 else None
+
+
+def _report_final(result: TrialResult, out: Path, rank: int, keep: str | None) -> None:
+    """A final run's last report. Train keeps the metrics of the latest report with a
+    checkpoint as the run's result, so rank 0 attaches one (the result itself, small)."""
+    import ray.train
+
+    metrics = {"result": json.dumps(result.to_json())}
+    checkpoint = None
+    if rank == 0:
+        _keep(out, keep)
+        atomic_write_bytes(out / "final" / "result.json", metrics["result"].encode())
+        checkpoint = ray.train.Checkpoint.from_directory(out / "final")
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the loop as one DDP rank; every rank reports every epoch."""
     import ray.train
@@ -300,25 +342,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     probe = ctx.config(loop_config["params"], loop_config["seed"])
     device = str(ray.train.torch.get_device()) if probe.train.device == "auto" else None
     cfg = ctx.config(loop_config["params"], loop_config["seed"], device=device)
-
-    def send(metrics: dict[str, Any], ckpt: Path | None) -> None:
-        # A barrier across ranks; only rank 0's metrics and checkpoint are kept.
-        keep_ckpt = ckpt is not None and rank == 0
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if keep_ckpt else None
-        )
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        # Unused parameters differ per batch: at MR 0 nothing is recovered, and ranks miss
-        # different modalities.
-        return ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-
-    parallel = DataParallel(rank, world, wrap) if world > 1 else None
     dataset = get_dataset(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
-    reporter = EpochReporter(cfg, send, world)
+    reporter = EpochReporter(cfg, _send_from_rank(rank), world)
     # Only rank 0 logs to MLflow.
     run_id = (
         _start_run(ctx, cfg, final=final, trial_id=loop_config["trial_id"]) if rank == 0 else None
@@ -337,7 +363,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             reporter=reporter,
             resume_state=_restore(ray.train.get_checkpoint(), out),
             evaluate_test=final,
-            parallel=parallel,
+            parallel=_data_parallel(rank, world),
             export_recovered=mlflow is not None and final,
         )
         if mlflow is not None:
@@ -345,15 +371,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if final:
                 _log_final(ctx, mlflow.run_id, out)
         if final:
-            # Train keeps the metrics of the latest report with a checkpoint as the run's
-            # result, so rank 0 attaches one (the result itself, small).
-            metrics = {"result": json.dumps(result.to_json())}
-            checkpoint = None
-            if rank == 0:
-                _keep(out, loop_config["keep"])
-                atomic_write_bytes(out / "final" / "result.json", metrics["result"].encode())
-                checkpoint = ray.train.Checkpoint.from_directory(out / "final")
-            ray.train.report(metrics, checkpoint=checkpoint)
+            _report_final(result, out, rank, loop_config["keep"])
 
 
 def fit_torch_trainer(
