@@ -12,22 +12,29 @@ import yaml
 
 from imder_sweep.data import load_dataset
 from imder_sweep.metrics import METRIC_NAMES
-from imder_sweep.train import ConfigError, resolve_trial_config, run_trial
+from imder_sweep.train import ConfigError, TrialConfig, resolve_trial_config, run_trial
 from imder_sweep.train.__main__ import main as train_main
+from imder_sweep.train.config import load_yaml
+from imder_sweep.util import deep_merge
 
-TINY: dict = {
-    "seed": 3,
-    "data": {"source": "synthetic:mosi?scale=0.08"},
-    "protocol": {"kind": "random", "mr": 0.3},
-    "preset": "reference_mosi",
-    "model": {
-        "sampler": {"steps": 3},
-        "score_net": {"channels": [8, 16], "heads": 4, "time_embed_dim": 16},
-        "reconstruction": {"blocks": 1, "reduction": 4},
-        "fusion": {"nlevels": 1, "mem_layers": 1, "embed_dropout": 0.0, "attn_dropout_a": 0.0},
-    },
-    "train": {"pretrain_epochs": 4, "epochs": 2, "batch_size": 16, "lr": 3e-3},
+EXAMPLE = Path(__file__).parents[1] / "examples" / "trial-tiny.yaml"
+# The model shrink every CPU test uses (tests/test_model.py builds its ModelConfig from it).
+TINY_MODEL: dict = {
+    "sampler": {"steps": 3},
+    "score_net": {"channels": [8, 16], "heads": 4, "time_embed_dim": 16},
+    "reconstruction": {"blocks": 1, "reduction": 4},
+    "fusion": {"nlevels": 1, "mem_layers": 1},
 }
+# examples/trial-tiny.yaml, shrunk: less data, a smaller model, fewer epochs.
+TINY: dict = deep_merge(
+    load_yaml(EXAMPLE),
+    {
+        "seed": 3,
+        "data": {"source": "synthetic:mosi?scale=0.08"},
+        "model": TINY_MODEL,
+        "train": {"pretrain_epochs": 4, "epochs": 2, "batch_size": 16, "lr": 3e-3},
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,7 @@ def test_trial_writes_every_metric_and_beats_a_constant(tiny_run: tuple[Path, di
             assert name in metrics[split], (split, name)
     assert set(metrics["realised_mr"]) == {"train", "valid", "test"}
     assert all(abs(v - 0.3) < 0.02 for v in metrics["realised_mr"].values())
-    assert metrics["config"]["protocol"]["mr"] == 0.3 and metrics["config"]["seed"] == 3
+    assert metrics["config"]["protocol"]["mr"] == 0.3 and metrics["config"]["seed"] == TINY["seed"]
     assert (out / "run" / "best.pt").exists()
     # The constant predictor that knows the training-label mean.
     ds = load_dataset(TINY["data"]["source"])
@@ -105,12 +112,65 @@ def test_resuming_a_finished_stage_trains_nothing(tmp_path: Path) -> None:
     assert again.valid == done.valid  # the best state is the checkpoint's
 
 
-def test_zero_fill_trial_runs(tmp_path: Path) -> None:
+def test_resumed_trial_that_early_stops_reports_the_loops_stop(
+    tiny_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """The reporter tells the loop's own stop: a trial resumed one epoch short of its early stop
+    (the counter restored from the checkpoint) is reported done, not stopped by the scheduler."""
+    from imder_sweep.sweep.trial import EpochReporter
+
+    out, _ = tiny_run
+    cfg = resolve_trial_config(TINY, overrides={"train": {"epochs": 4, "early_stop": 2}})
+    state = torch.load(out / "run" / "train-state" / "state.pt", weights_only=False)
+    # After epoch 1, one epoch without improvement on a valid L1 loss nothing can beat.
+    resumed = {
+        **state,
+        "epoch": 1,
+        "since_best": 1,
+        "best_value": 0.0,
+        "history": state["history"][:1],
+    }
+    torch.save(resumed, tmp_path / "resume.pt")
+    sent: list[dict] = []
+    result = run_trial(
+        cfg,
+        out_dir=tmp_path / "run",
+        cache_dir=out / "run" / "pretrain-cache",
+        reporter=EpochReporter(cfg, lambda metrics, ckpt: sent.append(metrics)),
+        resume_state=tmp_path / "resume.pt",
+        evaluate_test=False,
+    )
+    assert result.epochs_run == 2  # epoch 2 ended the stage by early stopping
+    assert [(m["epoch"], m["loop_done"]) for m in sent] == [(2, True)]
+
+
+def test_zero_fill_recovers_zeros(tmp_path: Path) -> None:
+    from imder_sweep.consistency import read_recovered_parquet, to_numpy_full
+
     cfg = resolve_trial_config(
         TINY, overrides={"model": {"recovery": "zero"}, "train": {"epochs": 1}}
     )
-    result = run_trial(cfg, out_dir=tmp_path)
+    result = run_trial(cfg, out_dir=tmp_path, export_recovered=True)
     assert result.history[0]["train_score"] == 0.0 and "acc2" in result.test
+    for split in ("valid", "test"):
+        recovered = to_numpy_full(
+            read_recovered_parquet(tmp_path / f"recovered_{split}.parquet"), "recovered"
+        )
+        assert recovered.shape[0] > 0 and not recovered.any(), split
+
+
+@pytest.mark.parametrize("build", ["model_validate", "resolve_trial_config"])
+def test_every_way_of_building_a_config_applies_the_presets_training_defaults(build: str) -> None:
+    make = TrialConfig.model_validate if build == "model_validate" else resolve_trial_config
+    mosei = make({"preset": "reference_mosei"}).train
+    assert (mosei.batch_size, mosei.grad_clip, mosei.plateau_patience) == (128, 0.6, 5)
+    mosi = make({}).train
+    assert (mosi.batch_size, mosi.grad_clip, mosi.plateau_patience) == (32, 1.0, 24)
+    mine = make({"preset": "reference_mosei", "train": {"batch_size": 8}}).train
+    assert (mine.batch_size, mine.grad_clip) == (8, 0.6)  # the user's value wins
+    # A resolved config read back is the same config.
+    cfg = make({"preset": "reference_mosei", "train": {"grad_clip": None}})
+    assert TrialConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 @pytest.mark.parametrize(
@@ -130,8 +190,6 @@ def test_config_errors_name_file_key_and_value(
     tmp_path: Path, patch: dict, needle: str, capsys
 ) -> None:
     cfg_path = tmp_path / "bad.yaml"
-    from imder_sweep.util import deep_merge
-
     cfg_path.write_text(yaml.safe_dump(deep_merge(TINY, patch)))
     assert train_main(["--config", str(cfg_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

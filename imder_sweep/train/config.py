@@ -86,6 +86,13 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(1, ge=1)
 
 
+# The released training settings per preset: a preset sets these unless the config gives them.
+REFERENCE_TRAIN: dict[str, dict[str, Any]] = {
+    "reference_mosi": {"batch_size": 32, "grad_clip": 1.0, "plateau_patience": 24},
+    "reference_mosei": {"batch_size": 128, "grad_clip": 0.6, "plateau_patience": 5},
+}
+
+
 class TrialConfig(_Config):
     """Everything one trial needs; `model` is the resolved model config."""
 
@@ -99,22 +106,19 @@ class TrialConfig(_Config):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
+        """The one place a preset applies: its model, and its training defaults; every value
+        the config gives wins. A `model` or `train` given as a built config is taken whole."""
         if not isinstance(data, dict):
             return data
         preset = data.get("preset", "reference_mosi")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        model = data.get("model", {})
+        model, train = data.get("model", {}), data.get("train") or {}
         if isinstance(model, dict):
-            base = PRESETS[preset]().model_dump()
-            data = {**data, "model": deep_merge(base, model)}
+            data = {**data, "model": deep_merge(PRESETS[preset]().model_dump(), model)}
+        if isinstance(train, dict):
+            data = {**data, "train": deep_merge(REFERENCE_TRAIN.get(preset, {}), train)}
         return data
-
-
-REFERENCE_TRAIN: dict[str, dict[str, Any]] = {
-    "reference_mosi": {"batch_size": 32, "grad_clip": 1.0, "plateau_patience": 24},
-    "reference_mosei": {"batch_size": 128, "grad_clip": 0.6, "plateau_patience": 5},
-}
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -202,13 +206,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def resolve_trial_config(
     raw: dict[str, Any], *, origin: str = "<config>", overrides: dict[str, Any] | None = None
 ) -> TrialConfig:
-    """Merge overrides into a raw config, apply the preset's training defaults, validate."""
-    data = deep_merge(raw, overrides or {})
-    preset = data.get("preset", "reference_mosi")
-    if isinstance(preset, str) and preset in REFERENCE_TRAIN:
-        data = {**data, "train": deep_merge(REFERENCE_TRAIN[preset], data.get("train") or {})}
+    """Merge overrides into a raw config and validate it (errors name `origin`)."""
     try:
-        return TrialConfig.model_validate(data)
+        return TrialConfig.model_validate(deep_merge(raw, overrides or {}))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, origin)) from None
 
