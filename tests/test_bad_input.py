@@ -193,6 +193,20 @@ CASES: dict[str, Case] = {
         "{w}/no-test-split",
         expect=("{w}/no-test-split: split 'test' is missing", "test.parquet"),
     ),
+    "labels-all-zero": tune(
+        "--space",
+        demo("demo"),
+        "--data",
+        "{w}/zero-labels",
+        expect=("{w}/zero-labels/valid.parquet: split 'valid' key 'label'", "exactly 0"),
+    ),
+    "storage-path-is-a-file": tune(
+        "--space",
+        demo("demo"),
+        "--storage-path",
+        f"results/{EXPERIMENT}/table.md",
+        expect=(f"--storage-path results/{EXPERIMENT}/table.md:", "table.md is a file"),
+    ),
     "unreachable-ray-address": tune(
         "--space",
         demo("demo"),
@@ -236,6 +250,11 @@ CASES: dict[str, Case] = {
     "train-nan-features": train(
         "--data", "{w}/nan", expect=("{w}/nan/valid.parquet: split 'valid' key 'a'", ": nan")
     ),
+    "train-empty-test-split": train(
+        "--data",
+        "{w}/empty-test",
+        expect=("{w}/empty-test/test.parquet: split 'test' has no samples",),
+    ),
     "train-wrong-sequence-length": train(
         "--data",
         "{w}/short",
@@ -271,14 +290,25 @@ def _space_edits() -> dict[str, Edit]:
     }
 
 
+def _with_split(dataset: MultimodalDataset, split: str, **arrays: np.ndarray) -> MultimodalDataset:
+    """`dataset` with arrays of one split replaced, past the checks of make_split."""
+    changed = dataclasses.replace(dataset.splits[split], **arrays)
+    return dataclasses.replace(dataset, splits={**dataset.splits, split: changed})
+
+
 def _with_value(
     dataset: MultimodalDataset, split: str, key: str, index: tuple[int, ...], value: float
 ) -> MultimodalDataset:
-    """`dataset` with one value of one split's array changed, past the checks of make_split."""
+    """`dataset` with one value of one split's array changed."""
     array = np.array(getattr(dataset.splits[split], key))
     array[index] = value
-    changed = dataclasses.replace(dataset.splits[split], **{key: array})
-    return dataclasses.replace(dataset, splits={**dataset.splits, split: changed})
+    return _with_split(dataset, split, **{key: array})
+
+
+def _emptied(dataset: MultimodalDataset, split: str) -> MultimodalDataset:
+    """`dataset` with no samples in `split`."""
+    keys = ("ids", "raw_text", "labels", "l", "a", "v")
+    return _with_split(dataset, split, **{k: getattr(dataset.splits[split], k)[:0] for k in keys})
 
 
 def _write_inputs(w: Path) -> None:
@@ -300,6 +330,9 @@ def _write_inputs(w: Path) -> None:
     write_parquet_dataset(_with_value(mosi, "valid", "a", (1, 2, 3), np.nan), str(w / "nan"))
     write_parquet_dataset(_with_value(mosi, "test", "v", (0, 4, 2), np.inf), str(w / "inf"))
     write_parquet_dataset(_with_value(mosi, "train", "labels", (5,), 3.5), str(w / "labels"))
+    write_parquet_dataset(_emptied(mosi, "test"), str(w / "empty-test"))
+    zeros = np.zeros_like(mosi.splits["valid"].labels)
+    write_parquet_dataset(_with_split(mosi, "valid", labels=zeros), str(w / "zero-labels"))
     shutil.copytree(w / "mosi", w / "no-test-split")
     (w / "no-test-split" / "test.parquet").unlink()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
+import re
 from pathlib import Path
 
 import boto3
@@ -363,6 +365,48 @@ def test_malformed_splits(mmsa_file: Path, tmp_path: Path) -> None:
 
     path, message = broken(unaligned)
     assert "'valid'" in message and "(11, 375, 5)" in message and "aligned" in message
+
+
+def _with_split(dataset: MultimodalDataset, split: str, **arrays: np.ndarray) -> MultimodalDataset:
+    """`dataset` with arrays of one split replaced, past the checks of make_split (what a file
+    written by another tool may hold)."""
+    changed = dataclasses.replace(dataset.splits[split], **arrays)
+    return dataclasses.replace(dataset, splits={**dataset.splits, split: changed})
+
+
+def test_empty_split_is_refused_at_load(
+    small: MultimodalDataset, mmsa_file: Path, tmp_path: Path
+) -> None:
+    raw = _raw_pickle(mmsa_file)
+    raw["valid"] = {key: value[:0] for key, value in raw["valid"].items()}
+    path = _write_raw(tmp_path / "empty-valid.pkl", raw)
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: split 'valid' has no samples")):
+        load_dataset(path, allow_pickle=True)
+    test = small.splits["test"]
+    empty = {key: getattr(test, key)[:0] for key in ("ids", "raw_text", "labels", *MODALITIES)}
+    write_parquet_dataset(_with_split(small, "test", **empty), str(tmp_path / "empty-test"))
+    uri = tmp_path / "empty-test" / "test.parquet"
+    with pytest.raises(DataFormatError, match=re.escape(f"{uri}: split 'test' has no samples")):
+        load_dataset(str(tmp_path / "empty-test"))
+
+
+def test_labels_all_zero(small: MultimodalDataset, tmp_path: Path) -> None:
+    """Refused for valid and test, which Acc2 and F1 are computed on (only non-zero labels
+    count); accepted for train, whose L1 loss is defined for any labels."""
+    for split in ("valid", "test"):
+        zeros = np.zeros_like(small.splits[split].labels)
+        write_parquet_dataset(_with_split(small, split, labels=zeros), str(tmp_path / split))
+        with pytest.raises(DataFormatError) as info:
+            load_dataset(str(tmp_path / split))
+        assert str(info.value).startswith(f"{tmp_path / split / split}.parquet: split {split!r}")
+        assert "key 'label'" in str(info.value) and "labels are exactly 0" in str(info.value)
+    zeros = np.zeros_like(small.splits["train"].labels)
+    write_parquet_dataset(_with_split(small, "train", labels=zeros), str(tmp_path / "train"))
+    assert not load_dataset(str(tmp_path / "train")).splits["train"].labels.any()
+    one = np.zeros_like(small.splits["test"].labels)
+    one[-1] = -0.2  # a single non-zero label is enough to score
+    write_parquet_dataset(_with_split(small, "test", labels=one), str(tmp_path / "one"))
+    assert load_dataset(str(tmp_path / "one")).sizes == small.sizes
 
 
 def test_missing_sources(tmp_path: Path, s3_bucket: str) -> None:

@@ -20,6 +20,8 @@ from imder_sweep.modalities import MMSA_KEYS, MODALITIES
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 LABEL_RANGE: tuple[float, float] = (-3.0, 3.0)
+# The splits metrics are computed on (model selection, the final test): they need non-zero labels.
+SCORED_SPLITS: tuple[str, str] = ("valid", "test")
 
 # Published SHA-256 of the MMSA aligned_50 files (data-and-metrics.md).
 PUBLISHED_SHA256: dict[str, str] = {
@@ -181,6 +183,24 @@ def _clean_labels(labels: object, *, source: str, split: str, key: str) -> np.nd
     return _readonly(labels)
 
 
+def _check_usable(labels: np.ndarray, *, source: str, split: str, key: str) -> None:
+    """Refuse a split that a trial cannot use, here at load: an empty one, and a valid or test
+    split without a non-zero label. Otherwise training runs to the end first and then dies on
+    the empty split (or reports Acc2 and F1 as NaN, which a sweep would select on silently)."""
+    if labels.shape[0] == 0:
+        raise DataFormatError(
+            f"{source}: split {split!r} has no samples; train, valid and test each need at "
+            "least one"
+        )
+    # A training split of zeros trains (L1 towards 0) and is scored on nothing: it is accepted.
+    if split in SCORED_SPLITS and not labels.any():
+        raise DataFormatError(
+            f"{source}: split {split!r} key {key!r}: all {labels.shape[0]} labels are exactly 0; "
+            "Acc2 and F1 score only samples with a non-zero label, so the valid and test splits "
+            "need at least one"
+        )
+
+
 def make_split(
     *,
     ids: object,
@@ -227,6 +247,7 @@ def make_split(
                 f"length {array.shape[1]} but {names['l']!r} has {seq_len}; only word-aligned "
                 "data (aligned_50) is supported"
             )
+    _check_usable(clean_labels, source=source, split=split, key=names["labels"])
     return Split(ids=clean_ids, raw_text=clean_text, labels=clean_labels, **feats)
 
 

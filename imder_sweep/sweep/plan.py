@@ -142,6 +142,9 @@ def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> str:
 
 
 def check_storage(path: str) -> str:
+    """`--storage-path` as the sweep will use it: an s3:// prefix, or an absolute local directory
+    that exists or can be made. Checked with the other inputs, because a file in the way is
+    otherwise found only when the first result is written, after Ray has started."""
     if storage.is_s3(path):
         storage.split_s3(path)
         return path.rstrip("/")
@@ -149,7 +152,15 @@ def check_storage(path: str) -> str:
         storage.check_supported(path)
     except DataError as exc:
         raise ConfigError(f"--storage-path: {exc}") from None
-    return str(Path(path).expanduser().resolve())
+    resolved = Path(path).expanduser().resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == resolved else f"lies under the file {existing}"
+        raise ConfigError(
+            f"--storage-path {path}: {resolved} {where}; experiments go into a directory, so "
+            "pass a directory or a path that can be created as one"
+        )
+    return str(resolved)
 
 
 def make_plan(
