@@ -58,6 +58,38 @@ def test_s3_refusing_for_good_ends_in_a_clear_error(
     assert time.monotonic() - start < 60  # bounded by IMDER_S3_RETRY_SECONDS per call
 
 
+def test_s3_retry_pauses_are_jittered(
+    s3_bucket: str, s3_relay: servers.Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pause before a retry, botocore's inside a call and ours between calls, is drawn at
+    random, so trials that lost S3 together do not come back together. The pauses are recorded
+    from time.sleep, not slept; S3 comes back during the 6th pause of ours."""
+    uri = f"s3://{s3_bucket}/data/blob.bin"
+    storage.write_bytes(uri, b"x" * 100)
+    pauses: dict[str, list[float]] = {}
+
+    def record(seconds: float) -> None:
+        caller = sys._getframe(1).f_globals["__name__"]  # botocore.endpoint or our storage
+        pauses.setdefault(caller, []).append(seconds)
+        if len(pauses.get(storage.__name__, [])) == 6:
+            s3_relay.up()
+
+    monkeypatch.setattr(time, "sleep", record)
+    runs = []
+    for _ in range(2):
+        pauses.clear()
+        s3_relay.down()
+        assert bytes(storage.read_bytes(uri)) == b"x" * 100
+        ours, botocore = pauses.pop(storage.__name__), pauses.pop("botocore.endpoint")
+        assert not pauses
+        assert all(0 <= p <= min(16, 2**k) for k, p in enumerate(ours))  # full jitter
+        assert len(botocore) == 6 * (storage.S3_MAX_ATTEMPTS - 1)  # each failed call's retries
+        runs.append((ours, botocore))
+    (ours_1, boto_1), (ours_2, boto_2) = runs
+    assert all(a != b for a, b in zip(ours_1, ours_2, strict=True))
+    assert all(a != b for a, b in zip(boto_1, boto_2, strict=True))
+
+
 def _demo(tmp_path: Path, **edits: object) -> Path:
     raw = yaml.safe_load(DEMO.read_text())
     raw["fixed"]["data"]["source"] = "synthetic:mosi?scale=0.05"

@@ -3,15 +3,18 @@
 S3 goes through boto3, so endpoint, credentials and region come from the standard AWS
 environment and config files (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` select an S3-compatible
 server); an explicit `endpoint_url` argument wins over them. Requests are retried by botocore's
-"standard" retry mode and, while S3 stays unreachable or answers 5xx / throttling, again with
-backoff for up to $IMDER_S3_RETRY_SECONDS (`retrying`); a download that breaks mid-stream resumes
-from where it stopped, because one broken connection should not cost a 4 GB MOSEI transfer.
+"standard" retry mode (exponential backoff with full jitter) and, while S3 stays unreachable or
+answers 5xx / throttling, again after jittered pauses for up to $IMDER_S3_RETRY_SECONDS
+(`retrying`); a download that breaks mid-stream resumes from where it stopped, because one broken
+connection should not cost a 4 GB MOSEI transfer.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +25,7 @@ from typing import IO, Any, TypeVar
 from imder_sweep.data.dataset import DataAccessError, DataError, DataNotFoundError
 from imder_sweep.util import atomic_path
 
-S3_MAX_ATTEMPTS = 5  # botocore attempts per request, first try included
+S3_MAX_ATTEMPTS = 5  # requests botocore makes per call, the first included
 _RESUME_ATTEMPTS = 3  # re-opened GETs after a stream broke mid-transfer
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -57,12 +60,17 @@ def join(base: str, name: str) -> str:
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client with standard-mode retries; `endpoint_url` overrides the environment."""
+    """A boto3 S3 client with standard-mode retries; `endpoint_url` overrides the environment.
+
+    Standard, not adaptive: adaptive adds a client-side rate limiter whose state lives in one
+    client, while our requests come from many processes on many nodes, each with its own; what
+    keeps those apart is the jitter, which both modes have. `total_max_attempts`, because the
+    config's `max_attempts` counts retries only (botocore docs), not the first request."""
     # Imported here: boto3 takes ~0.3 s to import and most runs read local files only.
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+    config = Config(retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS})
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
@@ -98,7 +106,12 @@ def _s3_error(exc: Exception, uri: str) -> DataError:
 T = TypeVar("T")
 _MULTIPART_BYTES = 64 << 20  # larger objects go up in parts
 _MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
-RETRY_ENV = "IMDER_S3_RETRY_SECONDS"  # how long S3 may stay unreachable (default 60 s)
+RETRY_ENV = "IMDER_S3_RETRY_SECONDS"  # how long S3 may stay unreachable
+DEFAULT_RETRY_SECONDS = 60.0
+PAUSE_CAP_S = 16.0  # the longest pause between two calls of `retrying`
+# OS entropy, not the `random` module's generator: a process that seeds that one, or forked from
+# one that did, would draw the same pauses as its siblings and retry in step with them.
+_JITTER = random.SystemRandom()
 _TRANSIENT_CODES = {
     "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
     "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
@@ -123,27 +136,56 @@ def _transient(exc: Exception) -> bool:
     )
 
 
+def env_seconds(name: str, default: float) -> float:
+    """The positive number of seconds in environment variable `name`, else `default`; a
+    DataError naming the variable for anything else (a typo must not mean "no wait")."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise DataError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def retry_pause(tries: int) -> float:
+    """Seconds to wait after the `tries`-th failed call: full jitter, rand(0, 1) * min(16, 2 **
+    (tries - 1)), the rule of botocore's own backoff, so processes that lost S3 at the same
+    moment spread out instead of coming back together."""
+    return _JITTER.random() * min(PAUSE_CAP_S, 2.0 ** (tries - 1))
+
+
 def retrying(call: Callable[[], T], uri: str) -> T:
-    """`call()` against S3, tried again with exponential backoff (1, 2, 4 .. 16 s apart) while S3
-    is unreachable or failing on its side, for up to $IMDER_S3_RETRY_SECONDS (default 60);
-    then the DataError naming `uri`. Each try already has botocore's quick retries inside."""
+    """`call()` against S3, called again after `retry_pause` while S3 is unreachable or failing
+    on its side, until $IMDER_S3_RETRY_SECONDS (default 60) have passed; then the DataError
+    naming `uri` and the tries.
+
+    Each call carries botocore's standard-mode retries (S3_MAX_ATTEMPTS requests, jittered), but
+    those back off from 50 ms and so end within a second on a refused connection, and botocore
+    can limit attempts only, not time: riding out a minute of outage is this loop's job. The
+    last pause ends at the deadline; the call after it is the last."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    budget = float(os.environ.get(RETRY_ENV) or 60.0)
-    start, delay, tries = time.monotonic(), 1.0, 0
+    budget = env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS)
+    start, tries = time.monotonic(), 0
     while True:
         tries += 1
         try:
             return call()
         except (BotoCoreError, ClientError) as exc:
             waited = time.monotonic() - start
-            if not _transient(exc) or waited + delay > budget:
+            if not _transient(exc) or waited >= budget:
                 error = _s3_error(exc, uri)
                 if _transient(exc):
-                    error = type(error)(f"{error} (gave up after {tries} tries in {waited:.0f} s)")
+                    error = type(error)(
+                        f"{error} (gave up after {tries} tries in {waited:.0f} s, each of up to "
+                        f"{S3_MAX_ATTEMPTS} requests; {RETRY_ENV} sets how long to keep trying)"
+                    )
                 raise error from exc
-            time.sleep(delay)
-            delay = min(2 * delay, 16.0)
+            time.sleep(min(retry_pause(tries), budget - waited))
 
 
 def _local_error(exc: OSError, uri: str) -> DataError:
