@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import boto3
 import pytest
 
-from imder_sweep.data import DataError, make_synthetic, storage, write_parquet_dataset
-from imder_sweep.data.cache import MANIFEST, NodeCachedDataset, cached_copy
+from imder_sweep.data import (
+    DataAccessError,
+    DataError,
+    make_synthetic,
+    storage,
+    write_parquet_dataset,
+)
+from imder_sweep.data.cache import LOCK_ENV, MANIFEST, NodeCachedDataset, cached_copy
 
 
 def _upload_dir(local: Path, bucket: str, prefix: str) -> None:
@@ -86,3 +96,63 @@ def test_handle_refuses_other_content(
     _upload_dir(other, bucket, key)
     with pytest.raises(DataError, match="the data changed during the sweep"):
         handle.load()
+
+
+# The lock object stays referenced: a collected FileLock releases its lock.
+HOLDER = """
+import sys, filelock
+lock = filelock.FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold_lock(lock: Path) -> subprocess.Popen[str]:
+    """Another process on the node holding `lock` (as a trial stuck in its download would) until
+    its stdin closes; returns once it holds it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_lock_held_too_long_ends_in_a_clear_error(
+    s3_dataset: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, _ = s3_dataset
+    root = tmp_path / "node-a"
+    copy = cached_copy(uri, root=root)
+    (lock,) = root.glob("*.lock")
+    holder = _hold_lock(lock)
+    try:
+        monkeypatch.setenv(LOCK_ENV, "0.5")
+        with pytest.raises(DataAccessError) as info:
+            cached_copy(uri, root=root)
+    finally:
+        holder.communicate("")  # closes its stdin: it exits and the lock is free
+    message = str(info.value)
+    assert message.startswith(f"{uri}: the node cache lock {lock} is still held")
+    assert f"after 0.5 s ({LOCK_ENV})" in message
+    assert cached_copy(uri, root=root) == copy  # free again: the copy is reused
+
+
+def test_a_killed_downloads_temporary_is_removed_by_the_next_download(
+    s3_dataset: tuple[str, Path], tmp_path: Path
+) -> None:
+    uri, local = s3_dataset
+    copy = cached_copy(uri, root=tmp_path / "node-a")
+    exited = [sys.executable, "-c", "import os; print(os.getpid())"]
+    gone = subprocess.run(exited, check=True, capture_output=True, text=True)
+    stale = copy / f".metadata.json.{int(gone.stdout)}-0123abcd.tmp"  # util.atomic_path's name
+    stale.write_bytes(b"half a file")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    (copy / "metadata.json").write_bytes(b"{}")  # corrupt: the next call downloads it again
+    cached_copy(uri, root=tmp_path / "node-a")
+    assert (copy / "metadata.json").read_bytes() == (local / "metadata.json").read_bytes()
+    assert not stale.exists()

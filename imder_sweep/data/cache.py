@@ -9,13 +9,16 @@ unchanged. A copy is trusted only when
 
 so a changed bucket, a half-finished download (no manifest yet: the manifest is written last) or
 a corrupted disk all lead to a fresh download. Concurrent trials on one node take a file lock:
-one downloads, the others wait and reuse. The caller checks the loaded dataset's checksum
-against the one the driver saw (`load_cached`).
+one downloads, the others wait and reuse. They wait for at most $IMDER_CACHE_LOCK_SECONDS
+(default 1800): a download that hangs must fail the trials waiting behind it with a message, not
+block every trial on the node forever. Files are written through `util.atomic_path` (fsynced
+before and after the rename), so a crash or power loss leaves no partial file under its name.
+The caller checks the loaded dataset's checksum against the one the driver saw
+(`NodeCachedDataset.load`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from imder_sweep.data import storage
 from imder_sweep.data.dataset import (
     DataAccessError,
@@ -32,8 +37,11 @@ from imder_sweep.data.dataset import (
     DataNotFoundError,
     MultimodalDataset,
 )
+from imder_sweep.util import atomic_path, atomic_write_json
 
 CACHE_ENV = "IMDER_CACHE_DIR"
+LOCK_ENV = "IMDER_CACHE_LOCK_SECONDS"  # how long to wait for another process's download
+DEFAULT_LOCK_SECONDS = 1800.0  # a MOSEI download (4 GB) on a slow link, with room to spare
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
 
@@ -94,14 +102,24 @@ def _sha256(path: Path) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, uri: str) -> Iterator[None]:
+    """Hold the node's lock of one cached dataset; DataError if another process (a download of
+    the same data) holds it for longer than $IMDER_CACHE_LOCK_SECONDS."""
+    timeout = storage.env_seconds(LOCK_ENV, DEFAULT_LOCK_SECONDS)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DataAccessError(
+            f"{uri}: the node cache lock {path} is still held by another process after "
+            f"{timeout:g} s ({LOCK_ENV}); a download of the same data on this node is slow or "
+            f"hangs: find it with `fuser {path}`, or wait longer with a larger {LOCK_ENV}"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _valid(target: Path, objects: list[dict[str, Any]]) -> bool:
@@ -127,20 +145,18 @@ def _download(uri: str, obj: dict[str, Any], dest: Path, endpoint_url: str | Non
     """Download one object to `dest` (via a temporary name); returns its sha256."""
     bucket = storage.split_s3(uri)[0]
     src = f"s3://{bucket}/{obj['key']}"
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with storage.open_binary(src, endpoint_url=endpoint_url) as stream, tmp.open("wb") as out:
+        with (
+            atomic_path(dest) as tmp,
+            storage.open_binary(src, endpoint_url=endpoint_url) as stream,
+            tmp.open("wb") as out,
+        ):
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
-        tmp.replace(dest)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataAccessError(f"{src}: cannot store in node cache {dest.parent}: {exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return digest.hexdigest()
 
 
@@ -156,7 +172,7 @@ def cached_copy(uri: str, *, endpoint_url: str | None = None, root: Path | None 
     single = len(objects) == 1 and objects[0]["key"] == storage.split_s3(uri)[1]
     base = root or cache_root()
     target = base / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
-    with _locked(target.with_suffix(".lock")):
+    with _locked(target.with_suffix(".lock"), uri):
         if not _valid(target, objects):
             target.mkdir(parents=True, exist_ok=True)
             (target / MANIFEST).unlink(missing_ok=True)  # invalid until every file is in
@@ -164,8 +180,10 @@ def cached_copy(uri: str, *, endpoint_url: str | None = None, root: Path | None 
             for obj in objects:
                 sha = _download(uri, obj, target / obj["name"], endpoint_url)
                 files.append({k: obj[k] for k in ("name", "size", "etag")} | {"sha256": sha})
-            manifest = {"uri": uri, "files": files}
-            storage.write_bytes(str(target / MANIFEST), json.dumps(manifest, indent=1).encode())
+            try:
+                atomic_write_json(target / MANIFEST, {"uri": uri, "files": files})
+            except OSError as exc:
+                raise DataAccessError(f"{uri}: cannot store in node cache {target}: {exc}") from exc
     return target / objects[0]["name"] if single else target
 
 
