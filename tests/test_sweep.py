@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -422,6 +423,28 @@ def test_table1_and_partial_results() -> None:
     )
     md = tables.markdown(plan, partial)
     assert "| {l} | 0.300 | 70.0 | 60.0 | 20.0 | 1/2 |" in md
+
+
+def test_the_table_and_the_summary_figure_agree_on_mean_and_std() -> None:
+    """One rule over seeds for both: one seed is its mean alone (no spread, no error bar), two
+    seeds a sample std (ddof=1)."""
+    from imder_sweep.tracking.figures import SummaryPoint, metrics_vs_mr_figure
+
+    plan = _plan()
+    finals = {
+        "mr0.3": {0: _final(0.80, 0.70, 0.30)},
+        "mr0.7": {0: _final(0.60, 0.50, 0.10), 1: _final(0.70, 0.60, 0.20)},
+    }
+    rows = tables.rows_from(plan, {}, finals)
+    assert [tables.cell(r, "acc2") for r in rows] == ["80.0", "65.0 ± 7.1"]
+    figure = metrics_vs_mr_figure(
+        [SummaryPoint("IMDer", float(r.label), r.test) for r in rows], "scores"
+    )
+    acc2 = figure.axes[0].containers[0]  # the one method's ErrorbarContainer
+    one_seed, two_seeds = acc2.lines[2][0].get_segments()  # per MR: [(x, low), (x, high)]
+    assert one_seed.size == 0
+    mean, std = rows[1].mean_std("acc2")
+    np.testing.assert_allclose(two_seeds[:, 1], [100 * (mean - std), 100 * (mean + std)])
 
 
 def test_report_rebuilds_from_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

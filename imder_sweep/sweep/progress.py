@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from imder_sweep.sweep.tables import short_names
+from imder_sweep.util import is_better
 
 Out = Callable[[str], None]  # where the driver's progress lines go: `emit`, or a test's list
 
@@ -68,15 +69,10 @@ class TrialTable(Callback):
         self._best: dict[str, float] = {}
         self._ended: set[str] = set()  # Tune updates a trial's status after the callbacks
 
-    def _better(self, a: float, b: float) -> bool:
-        return a < b if self.mode == "min" else a > b
-
     def _track(self, trial: Any, result: dict[str, Any]) -> None:
         value = result.get(self.metric)
-        if isinstance(value, float) and not math.isnan(value):
-            best = self._best.get(trial.trial_id)
-            if best is None or self._better(value, best):
-                self._best[trial.trial_id] = value
+        if isinstance(value, float) and is_better(value, self._best.get(trial.trial_id), self.mode):
+            self._best[trial.trial_id] = value
 
     def table(self, trials: list[Any]) -> str:
         header = ["trial", "state", "MR", *self.names.values(), "epoch", self.metric, "best"]

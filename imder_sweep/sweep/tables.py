@@ -19,6 +19,7 @@ import numpy as np
 
 from imder_sweep.data.dataset import SPLITS
 from imder_sweep.metrics import format_cell
+from imder_sweep.stats import mean_std
 from imder_sweep.sweep.experiment import TABLE_CSV, TABLE_MD, ExperimentDir
 
 CELL_METRICS = ("acc2", "f1", "acc7")
@@ -44,11 +45,8 @@ class Row:
     trials: int = 0
 
     def mean_std(self, metric: str) -> tuple[float, float]:
-        values = np.asarray(self.test.get(metric, []), dtype=float)
-        if values.size == 0:
-            return math.nan, math.nan
-        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-        return float(values.mean()), std
+        """Over the seeds there are (`imder_sweep.stats.mean_std`: std NaN for one seed)."""
+        return mean_std(self.test.get(metric, []))
 
 
 def rows_from(

@@ -6,12 +6,12 @@ trials in threads or Ray processes cannot draw into each other's figures).
 - `sentiment_figure`: the recovered features coloured by the 7 sentiment classes, one row per
   model (conditional vs unconditional recovery, paper Fig. 4).
 - `history_figure`, `importance_figure`: a study's Optuna history and parameter importances.
-- `metrics_vs_mr_figure`: Acc2 / F1 / Acc7 against the missing rate, mean ± std over seeds.
+- `metrics_vs_mr_figure`: Acc2 / F1 / Acc7 against the missing rate, mean ± std over seeds as
+  the tables compute them.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from imder_sweep.modalities import MODALITIES, MODALITY_NAMES
+from imder_sweep.stats import mean_std
 
 # Points per t-SNE embedding, recovered and true together: t-SNE is quadratic-ish, and 500
 # points embed in about 2 s on one core.
@@ -205,16 +206,10 @@ def importance_figure(importances: Mapping[str, float], *, metric: str, title: s
     return fig
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
-    if finite.size == 0:
-        return math.nan, math.nan
-    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-
-
 def metrics_vs_mr_figure(points: Sequence[SummaryPoint], title: str) -> Figure:
     """Acc2 / F1 / Acc7 (%) against the missing rate, one line per method, error bars one
-    standard deviation over seeds (none with a single seed)."""
+    standard deviation over seeds: the tables' mean ± std (`imder_sweep.stats.mean_std`), so no
+    bar for a single seed and no point where a seed has no value."""
     fig = Figure(
         figsize=(PANEL_INCHES * len(TABLE_METRICS), PANEL_INCHES + 0.4),
         dpi=DPI,
@@ -225,7 +220,7 @@ def metrics_vs_mr_figure(points: Sequence[SummaryPoint], title: str) -> Figure:
     for ax, metric in zip(fig.subplots(1, len(TABLE_METRICS)), TABLE_METRICS, strict=True):
         for method in methods:
             mine = sorted((p for p in points if p.method == method), key=lambda p: p.mr)
-            stats = np.asarray([_mean_std(p.values.get(metric, [])) for p in mine]) * 100
+            stats = np.asarray([mean_std(p.values.get(metric, [])) for p in mine]) * 100
             ax.errorbar(
                 [p.mr for p in mine],
                 stats[:, 0],
