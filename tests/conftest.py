@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server (moto's HTTP server) on loopback."""
+"""Shared fixtures: a real S3-compatible server (moto's HTTP server) on loopback, and a real
+`mlflow server` for one test."""
 
 from __future__ import annotations
 
@@ -61,3 +62,11 @@ def s3_bucket(s3_env: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def mlflow_local(tmp_path: Path) -> Iterator[servers.Server]:
+    """A real `mlflow server` for one test (SQLite, artifacts on local disk), answering when the
+    test starts; module-wide servers use `servers.mlflow_server` directly."""
+    with servers.mlflow_server(tmp_path / "mlflow") as server:
+        yield server

@@ -1,4 +1,5 @@
-"""Real servers for tests: `mlflow server` on 127.0.0.1 (SQLite backend, local or S3 artifacts)."""
+"""Real servers for tests: `mlflow server` on 127.0.0.1 (SQLite backend, local or S3 artifacts),
+Ray nodes started with the `ray` CLI, and a TCP relay that cuts a server off for a while."""
 
 from __future__ import annotations
 
@@ -12,11 +13,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# What moto accepts; valid nowhere else.
+S3_TEST_CREDENTIALS = {
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+    "region_name": "us-east-1",
+}
+# An mlflow server's start-up (~20 s alone) on a busy 2-core machine, with room to spare.
+MLFLOW_START_SECONDS = 120
 
 
 def free_port() -> int:
@@ -44,8 +56,28 @@ def _server_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **extra}
 
 
-def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str]) -> Server:
+@contextlib.contextmanager
+def mlflow_server(
+    root: Path, *, s3_endpoint: str | None = None, wait: bool = True
+) -> Iterator[Server]:
+    """The one way tests run `mlflow server`: on 127.0.0.1, a free port, its SQLite store and
+    log in `root`, stopped (its whole process group) when the block ends.
+
+    Artifacts go to `root/artifacts`, or with `s3_endpoint` (the moto server) to a fresh bucket
+    there, which the server reaches with dummy credentials of its own (`bucket` and `s3_client`
+    on the returned server, for checks). The block starts once /health answers; with
+    `wait=False` at once (a server takes ~20 s to come up: do other work, then `wait_healthy`).
+    """
     root.mkdir(parents=True, exist_ok=True)
+    bucket, client, env = None, None, {}
+    artifacts = str(root / "artifacts")
+    if s3_endpoint is not None:
+        import boto3
+
+        bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+        client = boto3.client("s3", endpoint_url=s3_endpoint, **S3_TEST_CREDENTIALS)
+        client.create_bucket(Bucket=bucket)
+        artifacts, env = f"s3://{bucket}/mlflow", _s3_server_env(s3_endpoint, root)
     port = free_port()
     log = root / "server.log"
     with log.open("wb") as sink:
@@ -56,7 +88,13 @@ def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str]) -> Serv
             stdout=sink, stderr=subprocess.STDOUT, env=_server_env(env), cwd=root,
             start_new_session=True,  # its own process group: the uvicorn worker ends with it
         )  # fmt: skip
-    return Server(f"http://127.0.0.1:{port}", root, proc, log)
+    server = Server(f"http://127.0.0.1:{port}", root, proc, log, bucket, client)
+    try:
+        if wait:
+            wait_healthy(server, time.monotonic() + MLFLOW_START_SECONDS)
+        yield server
+    finally:
+        _stop_server(server)
 
 
 def wait_for_http(proc: subprocess.Popen[bytes], url: str, log: Path, deadline: float) -> None:
@@ -73,11 +111,13 @@ def wait_for_http(proc: subprocess.Popen[bytes], url: str, log: Path, deadline: 
             time.sleep(0.25)
 
 
-def wait_healthy(server: Server, deadline: float) -> None:
+def wait_healthy(server: Server, deadline: float | None = None) -> None:
+    """Until the server answers /health (by `deadline`, default `MLFLOW_START_SECONDS` on)."""
+    deadline = deadline or time.monotonic() + MLFLOW_START_SECONDS
     wait_for_http(server.proc, f"{server.url}/health", server.log, deadline)
 
 
-def stop_server(server: Server) -> None:
+def _stop_server(server: Server) -> None:
     os.killpg(server.proc.pid, signal.SIGTERM)
     try:
         server.proc.wait(timeout=15)
@@ -86,13 +126,13 @@ def stop_server(server: Server) -> None:
         server.proc.wait()
 
 
-def s3_server_env(moto_endpoint: str, root: Path) -> dict[str, str]:
+def _s3_server_env(moto_endpoint: str, root: Path) -> dict[str, str]:
     """Environment of an `mlflow server` whose artifacts go to the moto S3 server: dummy
     credentials on the server only, and none of the developer's AWS files."""
     return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": S3_TEST_CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": S3_TEST_CREDENTIALS["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": S3_TEST_CREDENTIALS["region_name"],
         "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
         "AWS_CONFIG_FILE": str(root / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),

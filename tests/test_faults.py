@@ -131,10 +131,8 @@ def _every_epoch_once(client: MlflowClient, name: str, epochs: int) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_away_during_a_sweep(tmp_path: Path) -> None:
-    server = servers.start_mlflow_server(tmp_path / "mlflow", str(tmp_path / "artifacts"), {})
-    servers.wait_healthy(server, time.monotonic() + 120)
-    relay = servers.Relay(server.port)
+def test_mlflow_away_during_a_sweep(tmp_path: Path, mlflow_local: servers.Server) -> None:
+    relay = servers.Relay(mlflow_local.port)
     relay.up()
     space = _demo(tmp_path)
     log = tmp_path / "sweep.log"
@@ -150,10 +148,9 @@ def test_mlflow_away_during_a_sweep(tmp_path: Path) -> None:
             time.sleep(20)
             relay.up()
             assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
-        _every_epoch_once(MlflowClient(server.url), "away", epochs=4)
+        _every_epoch_once(MlflowClient(mlflow_local.url), "away", epochs=4)
     finally:
         relay.down()
-        servers.stop_server(server)
 
 
 def _pids(marker: str) -> list[int]:

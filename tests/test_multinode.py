@@ -218,13 +218,12 @@ def _trial_node(cluster: Cluster, names: list[str]) -> str | None:
 
 
 def test_killed_node_trial_resumes_from_s3_on_the_other_node(
-    cluster: Cluster, s3_bucket: str, s3_data: str, tmp_path: Path
+    cluster: Cluster, s3_bucket: str, s3_data: str, tmp_path: Path, mlflow_local: servers.Server
 ) -> None:
     cluster.start("head", cpus=0)  # the head runs the driver only
     cluster.start("a", cpus=1)
     cluster.start("b", cpus=1)
-    server = servers.start_mlflow_server(tmp_path / "mlflow", str(tmp_path / "artifacts"), {})
-    servers.wait_healthy(server, time.monotonic() + 120)
+    server = mlflow_local
     epochs = 8
     raw_train = yaml.safe_load(DEMO.read_text())["fixed"]["train"]
     space = _space(
@@ -256,7 +255,6 @@ def test_killed_node_trial_resumes_from_s3_on_the_other_node(
         if sweep.poll() is None:
             sweep.kill()
         log.close()
-        servers.stop_server(server)
     print(f"killed node {killed} mid-trial; the trial finished on the other node")
 
 

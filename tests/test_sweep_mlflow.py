@@ -11,26 +11,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from servers import (
-    Server,
-    free_port,
-    s3_server_env,
-    start_mlflow_server,
-    stop_server,
-    wait_healthy,
-)
+from servers import Server, free_port, mlflow_server
 
 from imder_sweep import tune as tune_cli
 from imder_sweep.sweep.experiment import ExperimentDir
@@ -48,23 +38,9 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str
 ) -> Iterator[Server]:
     """A real `mlflow server` (SQLite), artifacts on local disk or in a moto S3 bucket."""
-    root = tmp_path_factory.mktemp("mlflow")
-    if request.param == "local-artifacts":
-        srv = start_mlflow_server(root, str(root / "artifacts"), {})
-    else:
-        creds = {
-            "aws_access_key_id": "testing",
-            "aws_secret_access_key": "testing",
-            "region_name": "us-east-1",
-        }
-        bucket = f"sweep-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=moto_endpoint, **creds).create_bucket(Bucket=bucket)
-        srv = start_mlflow_server(root, f"s3://{bucket}/mlflow", s3_server_env(moto_endpoint, root))
-        srv.bucket = bucket
-        srv.s3_client = boto3.client("s3", endpoint_url=moto_endpoint, **creds)
-    wait_healthy(srv, time.monotonic() + 120)
-    yield srv
-    stop_server(srv)
+    s3 = moto_endpoint if request.param == "s3-artifacts" else None
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), s3_endpoint=s3) as srv:
+        yield srv
 
 
 def smallest_space(tmp_path: Path) -> Path:

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -27,15 +26,7 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from servers import (
-    Relay,
-    Server,
-    free_port,
-    s3_server_env,
-    start_mlflow_server,
-    stop_server,
-    wait_healthy,
-)
+from servers import Relay, Server, free_port, mlflow_server, wait_healthy
 from test_train import TINY
 
 from imder_sweep.consistency import read_recovered_parquet
@@ -107,20 +98,14 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Iterator[Setup]:
     """Both servers start while the trial trains: each takes ~20 s of mostly waiting."""
     base = tmp_path_factory.mktemp("mlflow")
-    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
-    s3_env = s3_server_env(moto_endpoint, base)
-    local = start_mlflow_server(base / "local", str(base / "local" / "artifacts"), {})
-    s3 = start_mlflow_server(base / "s3", f"s3://{bucket}/mlflow", s3_env)
-    s3.bucket = bucket
-    try:
+    with (
+        mlflow_server(base / "local", wait=False) as local,
+        mlflow_server(base / "s3", s3_endpoint=moto_endpoint, wait=False) as s3,
+    ):
         trial = _run_tiny_trial(base / "trial")
-        deadline = time.monotonic() + 120
         for server in (local, s3):
-            wait_healthy(server, deadline)
+            wait_healthy(server)
         yield Setup(local, s3, trial)
-    finally:
-        for server in (local, s3):
-            stop_server(server)
 
 
 def _run_tiny_trial(out: Path) -> Trial:
@@ -157,7 +142,6 @@ class Demo:
     configs: dict[str, dict[str, Any]]  # run name -> resolved config
     final_run: str
     pretrain_run: str
-    rank1_run: str
     stopped_run: str
     summary_run: str
     trial: Trial
@@ -223,11 +207,6 @@ def demo(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dem
             eid, parents["mr0.3"], "mr0.3-trial-stopped", flatten_params(trial.config)
         )
         _replay(tracker.reporter(stopped), train_calls[:1])
-        # A rank-1 worker of a data-parallel trial logs nothing.
-        rank1 = tracker.start_child_run(
-            eid, parents["mr0.3"], "mr0.3-trial-rank1", flatten_params(trial.config)
-        )
-        _replay(tracker.reporter(rank1, rank=1), trial.calls)
         final = tracker.start_child_run(
             eid,
             parents["mr0.3"],
@@ -263,8 +242,8 @@ def demo(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dem
             tracker.close_run(run)
         tracker.close_run(pretrain_run)
     yield Demo(
-        tracker, eid, parents, children, configs, final, pretrain_run, rank1, stopped, summary,
-        trial, logged,
+        tracker, eid, parents, children, configs, final, pretrain_run, stopped, summary, trial,
+        logged,
     )  # fmt: skip
 
 
@@ -310,7 +289,7 @@ def test_one_experiment_one_parent_per_study_children_nested(demo: Demo) -> None
         }
         expected = set(demo.children[study])
         if study == "mr0.3":
-            expected |= {"mr0.3-trial-stopped", "mr0.3-trial-rank1"}
+            expected |= {"mr0.3-trial-stopped"}
         assert nested == expected
     final = client.get_run(demo.final_run)
     assert final.data.tags[tags.PARENT_RUN_ID] == demo.parents["mr0.3"]
@@ -366,7 +345,6 @@ def test_every_epoch_is_logged_exactly_once(demo: Demo) -> None:
     for key in ("pretrain/valid_loss", "pretrain/train_loss", "pretrain/epoch_seconds"):
         steps = [m.step for m in client.get_metric_history(demo.pretrain_run, key)]
         assert sorted(steps) == [1, 2], key  # six trials reported them, logged once
-    assert client.get_run(demo.rank1_run).data.metrics == {}
 
 
 def test_close_run_ends_what_asha_left_running(demo: Demo) -> None:
@@ -473,11 +451,8 @@ def test_credentials_never_reach_the_store(demo: Demo, setup: Setup) -> None:
 # The artifact store on S3
 
 
-def test_artifacts_on_s3(setup: Setup, s3_env: str) -> None:
-    import boto3
-
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=setup.s3.bucket)
+def test_artifacts_on_s3(setup: Setup) -> None:
+    s3 = setup.s3.s3_client
     tracker = Tracker(setup.s3.url)
     check_reachable(tracker.tracking_uri)
     eid = tracker.start_experiment("demo-sweep-s3")
