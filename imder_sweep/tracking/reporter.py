@@ -55,9 +55,9 @@ class MlflowReporter:
 
     Stage "train" rows are logged as they are (`valid_mae`), other stages with their name as a
     prefix (`pretrain/valid_mae`); pretraining rows go to `pretrain_run_id` when given (the run
-    trials reference through the `imder.pretrain_run_id` tag), else to `run_id`. Ranks other
-    than 0 log nothing. Call `flush` before the trial's last report to Ray: Tune may end the trial
-    process right after it.
+    trials reference through the `imder.pretrain_run_id` tag), else to `run_id`. Only rank 0 of
+    a data-parallel trial makes one (`imder_sweep.sweep.trial`). Call `flush` before the trial's
+    last report to Ray: Tune may end the trial process right after it.
     """
 
     def __init__(
@@ -65,14 +65,12 @@ class MlflowReporter:
         tracking_uri: str,
         run_id: str,
         *,
-        rank: int = 0,
         pretrain_run_id: str | None = None,
         max_pending: int = MAX_PENDING,
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.rank = rank
         self.pretrain_run_id = pretrain_run_id
         self.max_pending = max_pending
         self.probe_timeout = probe_timeout
@@ -101,8 +99,6 @@ class MlflowReporter:
     def __call__(
         self, stage: str, epoch: int, metrics: dict[str, float], checkpoint_dir: Path | None
     ) -> None:
-        if self.rank != 0:
-            return
         from mlflow.entities import Metric
 
         run_id = (
@@ -134,8 +130,6 @@ class MlflowReporter:
     def flush(self, timeout: float = 60.0) -> None:
         """Send every queued epoch, retrying with backoff for up to `timeout` seconds; raise
         TrackingError if some are still unsent."""
-        if self.rank != 0:
-            return
         deadline = time.monotonic() + timeout
         delay = 0.5
         while not self._send():

@@ -36,12 +36,12 @@ from imder_sweep.tracking.reporter import MlflowReporter
 from imder_sweep.tracking.store import local_artifact_root
 
 if TYPE_CHECKING:
-    import optuna
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 IMPORTANCE_NOTE = "imder.param_importances"  # why a study has no importance picture
+SENTIMENT_ROWS = ("conditional", "unconditional")  # Fig. 4: this run, and `compare_dir`'s
 TrialRecord = tuple[int, Mapping[str, Any], float | None]
 """(trial number, searched params, objective value or None if it never reported one)."""
 
@@ -77,7 +77,7 @@ class Tracker:
 
     # Run structure
 
-    def start_experiment(self, name: str, tags: Mapping[str, str] | None = None) -> str:
+    def start_experiment(self, name: str) -> str:
         """The id of experiment `name`, created if missing. On a SQLite store its artifacts go
         to `mlartifacts/<name>` next to the database (MLflow's default would be relative to
         whichever directory a Ray worker runs in)."""
@@ -91,7 +91,7 @@ class Tracker:
             return self.client.create_experiment(
                 name,
                 artifact_location=(root / name).as_uri() if root else None,
-                tags=redact({**runs.provenance_tags(), **(tags or {})}),
+                tags=redact(runs.provenance_tags()),
             )
         except MlflowException:
             # Created by another process in the meantime.
@@ -100,15 +100,10 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def start_study_run(
-        self, experiment_id: str, study_label: str, tags: Mapping[str, str] | None = None
-    ) -> str:
+    def start_study_run(self, experiment_id: str, study_label: str) -> str:
         """The parent run of study `study_label` (e.g. "mr0.3", "fixed-lv")."""
         return self._run(
-            experiment_id,
-            match={runs.KIND: "study", runs.STUDY: study_label},
-            run_name=study_label,
-            tags=tags,
+            experiment_id, match={runs.KIND: "study", runs.STUDY: study_label}, run_name=study_label
         )
 
     def start_child_run(
@@ -220,11 +215,9 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in redact(tags).items()])
 
-    def reporter(
-        self, run_id: str, *, rank: int = 0, pretrain_run_id: str | None = None
-    ) -> MlflowReporter:
+    def reporter(self, run_id: str, *, pretrain_run_id: str | None = None) -> MlflowReporter:
         """A per-epoch `Reporter` for `run_id` (see `MlflowReporter`)."""
-        return MlflowReporter(self.tracking_uri, run_id, rank=rank, pretrain_run_id=pretrain_run_id)
+        return MlflowReporter(self.tracking_uri, run_id, pretrain_run_id=pretrain_run_id)
 
     def close_run(self, run_id: str, status: str = "FINISHED") -> bool:
         """End a run that is still RUNNING (an ASHA-stopped trial's run, whose process was
@@ -247,7 +240,6 @@ class Tracker:
         splits: Sequence[str] = ("valid",),
         checkpoint: bool = False,
         compare_dir: str | Path | None = None,
-        labels: tuple[str, str] = ("conditional", "unconditional"),
     ) -> list[str]:
         """Upload what `run_trial(..., export_recovered=True)` left in `out_dir`, for `splits`
         (search trials: valid; final runs: valid and test), and draw its pictures.
@@ -255,9 +247,10 @@ class Tracker:
         Logged: `recovered/recovered_<split>.parquet`, `consistency.json` (the chosen splits)
         and its numbers as metrics `consistency/<split>/<modality>/<name>`, `metrics.json`,
         `figures/tsne_recovered_vs_true_<split>.png` (paper Fig. 3) and
-        `figures/tsne_sentiment_<split>.png` (Fig. 4: `labels[0]` is this run's recovery; with
-        `compare_dir`, another trial's output such as an unconditional model, a second row
-        `labels[1]`), and with `checkpoint` `checkpoint/best.pt`. Returns the artifact paths.
+        `figures/tsne_sentiment_<split>.png` (Fig. 4: a row "conditional", this run's recovery;
+        with `compare_dir`, another trial's output such as an unconditional model, a second row
+        "unconditional"), and with `checkpoint` `checkpoint/best.pt`. Returns the artifact
+        paths.
         """
         out = Path(out_dir)
         run_name = self.client.get_run(run_id).info.run_name
@@ -269,7 +262,7 @@ class Tracker:
                 parquet = _recovered_file(out, split)
                 self.client.log_artifact(run_id, str(parquet), "recovered")
                 logged.append(f"recovered/{parquet.name}")
-                logged += self._trial_figures(staged, run_name, split, parquet, compare_dir, labels)
+                logged += self._trial_figures(staged, run_name, split, parquet, compare_dir)
             report = json.loads((out / "consistency.json").read_text())
             chosen = {split: report[split] for split in splits}
             (staged / "consistency.json").write_text(json.dumps(chosen, indent=2, sort_keys=True))
@@ -291,15 +284,14 @@ class Tracker:
         split: str,
         parquet: Path,
         compare_dir: str | Path | None,
-        labels: tuple[str, str],
     ) -> list[str]:
         from imder_sweep.consistency import read_recovered_parquet
 
         embeddings = embed_recovered(read_recovered_parquet(parquet))
-        sources = {labels[0]: embeddings}
+        sources = {SENTIMENT_ROWS[0]: embeddings}
         if compare_dir is not None:
             other = read_recovered_parquet(_recovered_file(Path(compare_dir), split))
-            sources[labels[1]] = embed_recovered(other)
+            sources[SENTIMENT_ROWS[1]] = embed_recovered(other)
         names = (f"tsne_recovered_vs_true_{split}.png", f"tsne_sentiment_{split}.png")
         recovered_vs_true_figure(
             embeddings, f"{run_name}: recovered vs true features, {split} (t-SNE)"
@@ -328,7 +320,7 @@ class Tracker:
     def log_study_summary(
         self,
         parent_run_id: str,
-        trials: optuna.Study | Sequence[TrialRecord],
+        trials: Sequence[TrialRecord],
         *,
         direction: str = "minimize",
         metric: str = "objective",
@@ -337,11 +329,11 @@ class Tracker:
         `optuna/history.png` and `optuna/param_importances.png` on its parent run, importances
         also as metrics `param_importance/<param>` (step: finished trials so far).
 
-        `trials` is an Optuna study or (number, params, value) records, e.g. from Tune's result
-        grid; `direction` applies to records. Importances need at least two finished trials
+        `trials` are (number, params, value) records, e.g. from Tune's result grid, in
+        `direction` ("minimize" or "maximize"). Importances need at least two finished trials
         whose params vary; otherwise the tag `imder.param_importances` says why there is none.
         """
-        records, direction = _finished(trials, direction)
+        records = _finished(trials, direction)
         run_name = self.client.get_run(parent_run_id).info.run_name
         logged = []
         with tempfile.TemporaryDirectory(prefix="imder-study-") as tmp:
@@ -379,13 +371,11 @@ class Tracker:
         table_csv_path: str | Path,
         table_md_path: str | Path,
         rows: Sequence[SummaryPoint],
-        *,
-        run_name: str = "summary",
     ) -> str:
         """The experiment's summary run: the final Table 1/2 as `tables/<csv>` and
         `tables/<md>`, and `figures/metrics_vs_mr.png` (Acc2/F1/Acc7 against MR, mean ± std
         over seeds, one line per method in `rows`). Logged again, it replaces them."""
-        run_id = self._run(experiment_id, match={runs.KIND: "summary"}, run_name=run_name)
+        run_id = self._run(experiment_id, match={runs.KIND: "summary"}, run_name="summary")
         for path in (table_csv_path, table_md_path):
             self.client.log_artifact(run_id, str(path), "tables")
         if rows:
@@ -417,24 +407,11 @@ def _consistency_metrics(
     }
 
 
-def _finished(
-    trials: optuna.Study | Sequence[TrialRecord], direction: str
-) -> tuple[list[TrialRecord], str]:
-    """Trials with a finite objective value, and the study direction ("minimize"/"maximize")."""
-    import optuna
-
-    if isinstance(trials, optuna.Study):
-        direction = trials.direction.name.lower()
-        trials = [
-            (t.number, t.params, t.value)
-            for t in trials.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        ]
+def _finished(trials: Sequence[TrialRecord], direction: str) -> list[TrialRecord]:
+    """Trials with a finite objective value; `direction` checked ("minimize"/"maximize")."""
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction {direction!r}; expected 'minimize' or 'maximize'")
-    records = [
-        (int(n), dict(p), float(v)) for n, p, v in trials if v is not None and math.isfinite(v)
-    ]
-    return records, direction
+    return [(int(n), dict(p), float(v)) for n, p, v in trials if v is not None and math.isfinite(v)]
 
 
 def _importances(records: Sequence[TrialRecord], direction: str) -> tuple[dict[str, float], str]:
