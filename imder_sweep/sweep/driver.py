@@ -34,7 +34,13 @@ from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import Out, emit
 from imder_sweep.sweep.search import search_study
 from imder_sweep.sweep.space import Resources, Study
-from imder_sweep.sweep.trial import PRETRAIN_FILES, PretrainBlob, TrialContext, pretrain_blob
+from imder_sweep.sweep.trial import (
+    PRETRAIN_FILES,
+    PretrainBlob,
+    TrialContext,
+    pretrain_blob,
+    pretrain_dirname,
+)
 from imder_sweep.tracking import (
     MlflowReporter,
     SummaryPoint,
@@ -123,7 +129,7 @@ def pretrain_all(
     refs: dict[int, ray.ObjectRef] = {}
     launched: dict[int, ray.ObjectRef] = {}
     for seed in plan.pretrain_seeds:
-        where = storage.join(exp.pretrain_cache, f"pretrain-{keys[seed]}")
+        where = storage.join(exp.pretrain_cache, pretrain_dirname(keys[seed]))
         if all(storage.exists(storage.join(where, f)) for f in PRETRAIN_FILES):
             blob = PretrainBlob(
                 keys[seed],
@@ -137,7 +143,7 @@ def pretrain_all(
             launched[seed] = task.remote(raws[seed], data, r.threads, reporter)
     for seed, ref in launched.items():
         blob = ray.get(ref)
-        where = storage.join(exp.pretrain_cache, f"pretrain-{blob.key}")
+        where = storage.join(exp.pretrain_cache, pretrain_dirname(blob.key))
         for name in PRETRAIN_FILES:  # meta.json last: it marks the pair complete
             storage.write_bytes(storage.join(where, name), blob.files[name])
         refs[seed] = ref

@@ -66,6 +66,11 @@ class PretrainBlob:
     files: dict[str, bytes]
 
 
+def pretrain_dirname(key: str) -> str:
+    """The folder of one pretraining checkpoint in a cache, where `run_pretrain` looks for it."""
+    return f"pretrain-{key}"
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """What every trial of one study shares; reaches trials via `tune.with_parameters`."""
@@ -131,7 +136,7 @@ def pretrain_blob(
 
 def install_pretrain(cache_dir: Path, blob: PretrainBlob) -> None:
     """Put a pretraining checkpoint where `run_trial` finds it by key (no-op if it is there)."""
-    target = cache_dir / f"pretrain-{blob.key}"
+    target = cache_dir / pretrain_dirname(blob.key)
     # meta.json last: run_pretrain treats the pair as present only once both exist.
     for name in PRETRAIN_FILES:
         if not (target / name).exists():
