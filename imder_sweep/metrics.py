@@ -7,7 +7,7 @@ mean and std over seeds into the percentage cells of the tables.
   accuracy and weighted F1 (the paper's ACC2 and F1).
 - acc2_has0 / f1_has0: (pred >= 0) against (truth >= 0) on all samples.
 - acc7 / acc5 / acc3: prediction and truth clipped to [-3, 3] / [-2, 2] / [-1, 1], both rounded
-  half to even (numpy), exact match.
+  half to even (numpy), exact match (`sentiment_classes`, the one definition of these classes).
 - mae: mean |pred - truth| on unclipped values.
 - corr: Pearson correlation; 0.0 when predictions or labels are constant (the MMSA code returns NaN
   there, which would poison a mean over seeds; a constant predictor carries no correlation).
@@ -39,10 +39,14 @@ def _weighted_f1(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(f1_score(truth, pred, average="weighted", zero_division=0))
 
 
+def sentiment_classes(values: ArrayLike, bound: float = 3.0) -> np.ndarray:
+    """The classes of Acc7 (`bound` 3: -3..3), Acc5 (2) and Acc3 (1), as integers: values
+    clipped to [-bound, bound], then rounded half to even (numpy), as MMSA does."""
+    return np.round(np.clip(np.asarray(values, dtype=np.float64), -bound, bound)).astype(np.int64)
+
+
 def _class_accuracy(pred: np.ndarray, truth: np.ndarray, bound: float) -> float:
-    clipped_pred = np.round(np.clip(pred, -bound, bound))
-    clipped_truth = np.round(np.clip(truth, -bound, bound))
-    return float(np.mean(clipped_pred == clipped_truth))
+    return float(np.mean(sentiment_classes(pred, bound) == sentiment_classes(truth, bound)))
 
 
 def _pearson(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from imder_sweep.metrics import METRIC_NAMES, format_cell, regression_metrics
+from imder_sweep.metrics import METRIC_NAMES, format_cell, regression_metrics, sentiment_classes
 
 
 def test_binary_metrics_exclude_zero_labels_and_has0_includes_them() -> None:
@@ -42,6 +42,13 @@ def test_multiclass_accuracy_rounds_half_to_even_and_clips() -> None:
     assert scores["acc3"] == pytest.approx(7 / 8)
     # Unclipped: the (3.4, 5.0) and (-4.0, -3.0) pairs count 1.6 and 1.0, not 0.
     assert scores["mae"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.6 + 1.0 + 0.2 + 0.6 + 0.6) / 8)
+
+
+def test_sentiment_classes_clip_then_round_half_to_even() -> None:
+    values = [-3.7, -2.5, -0.5, 0.5, 1.5, 2.5, 3.2, 2.6]
+    assert sentiment_classes(values).tolist() == [-3, -2, 0, 0, 2, 2, 3, 3]
+    assert sentiment_classes(values, bound=1.0).tolist() == [-1, -1, 0, 0, 1, 1, 1, 1]
+    assert sentiment_classes([0.4]).dtype == np.int64
 
 
 def test_corr_known_cases_and_constant_predictions() -> None:
