@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from imder_sweep.metrics import sentiment_classes
 from imder_sweep.modalities import MODALITIES, MODALITY_NAMES
 from imder_sweep.stats import mean_std
 
@@ -55,11 +56,6 @@ class SummaryPoint:
     method: str
     mr: float
     values: Mapping[str, Sequence[float]]
-
-
-def sentiment_classes(labels: np.ndarray) -> np.ndarray:
-    """The 7 classes of Acc7: round(clip(label, -3, 3)), rounding half to even as `metrics`."""
-    return np.round(np.clip(labels, -3.0, 3.0)).astype(int)
 
 
 def _tsne(points: np.ndarray) -> np.ndarray:
@@ -151,7 +147,7 @@ def sentiment_figure(sources: Mapping[str, Mapping[str, Embedding]], title: str)
                 ax.set_title(f"{MODALITY_NAMES[m]} missing: too few samples")
                 continue
             emb = embeddings[m]
-            classes = sentiment_classes(emb.labels)
+            classes = sentiment_classes(emb.labels)  # Acc7's 7 classes
             for k in SENTIMENT_CLASSES:
                 picked = classes == k
                 if picked.any():
