@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 from imder_sweep.modalities import MODALITIES, SUBSETS, subset_to_pattern
-from imder_sweep.model import IMDer, count_parameters, reference_mosei, reference_mosi
+from imder_sweep.model import (
+    IMDer,
+    SamplerConfig,
+    count_parameters,
+    reference_mosei,
+    reference_mosi,
+)
 from imder_sweep.protocols import random_masks
 
 # Published code, unchanged, on synthetic tensors (reference-facts.md), seconds.
@@ -141,8 +147,9 @@ SamplerCalls = tuple[Callable[[], object], Callable[[], object]]
 def our_sampler_calls(device: torch.device, batch: int, steps: int) -> SamplerCalls:
     """Our Euler-Maruyama sampler (eq. 16, `steps` steps) at `batch` on the MOSI preset, and one
     call of its score network."""
-    cfg = reference_mosi(sampler={"steps": steps})
+    cfg = reference_mosi()
     model = IMDer(cfg).to(device).eval()
+    sampler = SamplerConfig(solver="euler_maruyama", steps=steps)
     cond = torch.randn(batch, cfg.d_model, cfg.feature_len, device=device)
     x, t = torch.randn_like(cond), torch.rand(batch, device=device)
     net = model.score["a"]
@@ -151,7 +158,7 @@ def our_sampler_calls(device: torch.device, batch: int, steps: int) -> SamplerCa
         with torch.no_grad():
             return net(x, t, cond)
 
-    return (lambda: model.sample_modality("a", cond)), call
+    return (lambda: model.sample_modality("a", cond, sampler=sampler)), call
 
 
 def reference_sampler_calls(

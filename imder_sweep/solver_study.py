@@ -33,7 +33,7 @@ import torch
 from imder_sweep.consistency import frechet_distance, mmd_rbf
 from imder_sweep.data import load_dataset
 from imder_sweep.metrics import regression_metrics
-from imder_sweep.model import IMDer
+from imder_sweep.model import IMDer, IMDerOutput, SamplerConfig
 from imder_sweep.train.config import TrialConfig, resolve_trial_config
 from imder_sweep.train.loop import SplitData, predict, prepare_splits, run_trial
 
@@ -74,14 +74,26 @@ def study_config(device: torch.device) -> TrialConfig:
     )
 
 
-def with_sampler(
-    cfg: TrialConfig, state: dict[str, torch.Tensor], solver: str, steps: int, device: torch.device
-) -> IMDer:
-    """The trained model with its sampler swapped: solver and steps never touch the weights."""
-    sampler = cfg.model.sampler.model_copy(update={"solver": solver, "steps": steps})
-    model = IMDer(cfg.model.model_copy(update={"sampler": sampler})).to(device)
+class WithSampler(torch.nn.Module):
+    """`model` called with another sampler (`IMDer.forward(..., sampler=)`): the same weights,
+    nothing rebuilt or copied, for `predict`, which calls the model with the batch only."""
+
+    def __init__(self, model: IMDer, sampler: SamplerConfig) -> None:
+        super().__init__()
+        self.model, self.sampler = model, sampler
+
+    def forward(self, *args: Any, **kwargs: Any) -> IMDerOutput:
+        return self.model(*args, **kwargs, sampler=self.sampler)
+
+
+def trained_model(cfg: TrialConfig, state: dict[str, torch.Tensor], device: torch.device) -> IMDer:
+    model = IMDer(cfg.model).to(device)
     model.load_state_dict(state)
     return model.eval()
+
+
+def sampler_setting(cfg: TrialConfig, solver: str, steps: int) -> SamplerConfig:
+    return cfg.model.sampler.model_copy(update={"solver": solver, "steps": steps})
 
 
 def sampler_runs(data: SplitData, batch_size: int) -> int:
@@ -93,7 +105,9 @@ def sampler_runs(data: SplitData, batch_size: int) -> int:
     )
 
 
-def evaluate_seed(model: IMDer, data: SplitData, batch_size: int, seed: int) -> dict[str, float]:
+def evaluate_seed(
+    model: torch.nn.Module, data: SplitData, batch_size: int, seed: int
+) -> dict[str, float]:
     """Test metrics, NFE, wall time and recovered-feature quality under one noise seed.
 
     feature_mse: mean squared error of recovered against true encoded features, all elements of
@@ -172,11 +186,12 @@ def run_solver_study(
     runs = sampler_runs(test, batch_size)
     # Warm-up (allocations, kernel selection): every pass runs the same shapes, the masks being
     # fixed per split, so one cheap pass serves all timed ones.
-    predict(with_sampler(cfg, state, "ode_euler", 1, device), test, batch_size, 0, "test")
+    model = trained_model(cfg, state, device)
+    predict(WithSampler(model, sampler_setting(cfg, "ode_euler", 1)), test, batch_size, 0, "test")
     base: dict[str, Any] | None = None
     for solver, steps in SOLVER_SETTINGS:
-        model = with_sampler(cfg, state, solver, steps, device)
-        per_seed = [evaluate_seed(model, test, batch_size, seed) for seed in seeds]
+        evaluated = WithSampler(model, sampler_setting(cfg, solver, steps))
+        per_seed = [evaluate_seed(evaluated, test, batch_size, seed) for seed in seeds]
         row: dict[str, Any] = {
             "case": f"solvers_{solver}_{steps}",
             "solver": solver,

@@ -7,13 +7,22 @@ import torch
 from pydantic import ValidationError
 
 from imder_sweep.modalities import MODALITIES, SUBSETS, subset_to_pattern
-from imder_sweep.model import IMDer, ModelConfig, count_parameters, reference_mosei, reference_mosi
+from imder_sweep.model import (
+    IMDer,
+    IMDerOutput,
+    ModelConfig,
+    SamplerConfig,
+    count_parameters,
+    reference_mosei,
+    reference_mosi,
+)
 from imder_sweep.model.config import pick_groups, unet_norm_groups
 from imder_sweep.model.score_net import ConditionalScoreUNet
 
 FAST = {"sampler": {"steps": 3}}
+# The model shrink of every CPU test (tests/test_train.py shrinks examples/trial-tiny.yaml by it).
 TINY = {
-    "score_net": {"channels": (8, 16), "heads": 4, "time_embed_dim": 16},
+    "score_net": {"channels": [8, 16], "heads": 4, "time_embed_dim": 16},
     "reconstruction": {"blocks": 1, "reduction": 4},
     "fusion": {"nlevels": 1, "mem_layers": 1},
     "sampler": {"steps": 3},
@@ -170,3 +179,29 @@ def test_width_scales_channels_and_still_builds() -> None:
         out = model(batch(cfg, 2), torch.tensor([[True, False, False]] * 2))
     assert out.recovered["a"].shape == (2, 32, 48)
     assert count_parameters(model) < count_parameters(IMDer(reference_mosi()))
+
+
+def test_sampler_is_chosen_at_call_time() -> None:
+    """One built model, three samplers: each call spends its own sampler's NFE, and passing the
+    model's own sampler is the default call, bit for bit."""
+    cfg = ModelConfig.model_validate(TINY)
+    model = IMDer(cfg).eval()
+    x, mask = batch(cfg, 4), torch.tensor([[True, False, True]] * 4)  # audio missing: one run
+    heun = SamplerConfig(solver="ode_heun", steps=2)
+    em = SamplerConfig(solver="euler_maruyama", steps=5)
+
+    def run(**kw: SamplerConfig) -> IMDerOutput:
+        with torch.no_grad():
+            return model(x, mask, generator=torch.Generator().manual_seed(3), **kw)
+
+    default, own = run(), run(sampler=cfg.sampler)
+    assert default.nfe == cfg.sampler.steps == 3
+    assert run(sampler=heun).nfe == 4 and run(sampler=em).nfe == 5
+    assert torch.equal(default.recovered["a"], own.recovered["a"])
+    assert torch.equal(default.pred, own.pred)
+    assert not torch.equal(default.recovered["a"], run(sampler=em).recovered["a"])
+    feats = model.encode(x)
+    cond = model.condition(feats, mask, "a")
+    with torch.no_grad():
+        _, nfe = model.sample_modality("a", cond, sampler=heun)
+    assert nfe == 4

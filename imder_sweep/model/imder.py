@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from imder_sweep.losses import sample_time, score_matching_loss
 from imder_sweep.modalities import MODALITIES
-from imder_sweep.model.config import ModelConfig
+from imder_sweep.model.config import ModelConfig, SamplerConfig
 from imder_sweep.model.fusion import MulTFusion
 from imder_sweep.model.reconstruction import Reconstruction
 from imder_sweep.model.score_net import ConditionalScoreUNet
@@ -119,15 +119,20 @@ class IMDer(nn.Module):
         return torch.where(has1 & has2, pair, torch.where(has1, feats[j1], feats[j2]))
 
     def sample_modality(
-        self, target: str, cond: Tensor, noise: Callable[[Tensor], Tensor] | None = None
+        self,
+        target: str,
+        cond: Tensor,
+        noise: Callable[[Tensor], Tensor] | None = None,
+        sampler: SamplerConfig | None = None,
     ) -> tuple[Tensor, int]:
-        """Recover x~_k by solving eq. 14 from the prior, conditioned on `cond` (n, d, L').
+        """Recover x~_k by solving eq. 14 from the prior, conditioned on `cond` (n, d, L'), with
+        `sampler` (None: the model's own `cfg.sampler`, the one D_k trains on).
 
         The condition is re-noised to the current time at every score evaluation, as released.
         """
         if self.score is None:
             raise RuntimeError(f"recovery mode {self.cfg.recovery!r} has no score network")
-        net, sde, scfg = self.score[target], self.sde, self.cfg.sampler
+        net, sde, scfg = self.score[target], self.sde, sampler or self.cfg.sampler
         draw = noise or _plain_noise
 
         def score_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -154,6 +159,7 @@ class IMDer(nn.Module):
         mask: Tensor,
         generator: torch.Generator | None = None,
         positions: tuple[int, Tensor] | None = None,
+        sampler: SamplerConfig | None = None,
     ) -> IMDerOutput:
         """inputs: modality -> (B, L, D_k); mask: (B, 3) bool, True = available (l, a, v).
 
@@ -164,6 +170,9 @@ class IMDer(nn.Module):
         `positions` = (N, rows): this batch is rows `rows` (B,) of a batch of N whose noise
         `generator` describes, e.g. one data-parallel rank's share of the global batch; every
         sample then gets exactly the noise it gets when the whole batch runs in one process.
+
+        `sampler` solves eq. 14 for this call (None: `cfg.sampler`, the training sampler), so a
+        trained model is evaluated under another solver or step count without being rebuilt.
         """
         mask = mask.to(torch.bool)
         feats = self.encode(inputs)
@@ -178,14 +187,7 @@ class IMDer(nn.Module):
         missing_rows = {
             m: r.to(device) for m, r in zip(MODALITIES, _missing_rows(mask.cpu()), strict=True)
         }
-        # One seed per modality up front: no stream depends on which modalities are missing.
-        seeds = (
-            torch.randint(
-                0, 2**62, (len(MODALITIES),), generator=generator, device=generator.device
-            ).tolist()
-            if generator is not None
-            else None
-        )
+        seeds = _modality_seeds(generator)
         fused_inputs = dict(feats)
         for k, m in enumerate(MODALITIES):
             rows = missing_rows[m]
@@ -198,6 +200,7 @@ class IMDer(nn.Module):
                 rows,
                 seeds[k] if seeds else None,
                 (full, where.index_select(0, rows)),
+                sampler,
             )
             out.nfe += nfe
             out.recovered[m], out.recovered_rows[m] = filled, rows
@@ -215,6 +218,7 @@ class IMDer(nn.Module):
         rows: Tensor,
         seed: int | None,
         noise_rows: tuple[int, Tensor],
+        sampler: SamplerConfig | None,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """Recovered features, per-row L_score and L_rec, and NFE for modality m at `rows`;
         `noise_rows` = (N, where): their rows in the batch of N that the noise stream draws."""
@@ -257,7 +261,7 @@ class IMDer(nn.Module):
                 condition_noise=self.cfg.score_loss.condition_noise,
                 z_cond=z_cond,
             )
-        sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw)
+        sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw, sampler=sampler)
         if mode == "diffusion":
             return sampled, loss_score, zero, nfe
         rec = self.rec[m](sampled)
@@ -274,6 +278,15 @@ class IMDer(nn.Module):
 def _mse(pred: Tensor, truth: Tensor) -> Tensor:
     """Per-example mean squared error over (d, L'), shape (n,)."""
     return ((pred - truth) ** 2).flatten(1).mean(dim=1)
+
+
+def _modality_seeds(generator: torch.Generator | None) -> list[int] | None:
+    """One seed per modality, drawn up front: no stream depends on which modalities are missing."""
+    if generator is None:
+        return None
+    return torch.randint(
+        0, 2**62, (len(MODALITIES),), generator=generator, device=generator.device
+    ).tolist()
 
 
 def _missing_rows(mask_cpu: Tensor) -> list[Tensor]:
