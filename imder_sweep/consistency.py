@@ -293,9 +293,49 @@ def write_recovered_parquet(
     The table goes to a temporary file in the target directory that then replaces `path`, so
     readers never see a half-written file and a failed write leaves the old one in place.
     """
-    ids = np.asarray(ids)
-    labels = np.asarray(labels)
+    ids, labels = np.asarray(ids), np.asarray(labels)
     patterns = np.asarray(patterns, dtype=bool)
+    d, seq_len = _check_recovered_inputs(ids, labels, patterns, modality_rows, recovered, true)
+    present = [m for m in MODALITIES if m in recovered]
+    rows_by_m = [
+        _missing_rows_of(m, modality_rows[m], recovered[m], true[m], patterns) for m in present
+    ]
+    all_rows = np.concatenate(rows_by_m)
+    rec_all = np.concatenate([np.asarray(recovered[m], dtype=np.float32) for m in present])
+    true_all = np.concatenate([np.asarray(true[m], dtype=np.float32) for m in present])
+    table = pa.table(
+        {
+            "split": pa.array([split] * len(all_rows), type=pa.string()),
+            "sample_id": pa.array([str(i) for i in ids[all_rows]], type=pa.string()),
+            "modality": pa.array(
+                [m for m, r in zip(present, rows_by_m, strict=True) for _ in r], type=pa.string()
+            ),
+            "pattern": pa.array(
+                [pattern_to_subset(tuple(patterns[r])) for r in all_rows], type=pa.string()
+            ),
+            "label": pa.array(labels[all_rows].astype(np.float32), type=pa.float32()),
+            # Pooled in float64 so the float32 mean is as close as float32 allows.
+            "recovered_pooled": _fixed_list(rec_all.mean(axis=2, dtype=np.float64), d),
+            "true_pooled": _fixed_list(true_all.mean(axis=2, dtype=np.float64), d),
+            "recovered": _fixed_list(rec_all, d * seq_len),
+            "true": _fixed_list(true_all, d * seq_len),
+        }
+    ).replace_schema_metadata({_META_D: str(d).encode(), _META_L: str(seq_len).encode()})
+
+    with atomic_path(Path(path)) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def _check_recovered_inputs(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    patterns: np.ndarray,
+    modality_rows: dict[str, np.ndarray],
+    recovered: dict[str, np.ndarray],
+    true: dict[str, np.ndarray],
+) -> tuple[int, int]:
+    """The shared (d, L) of every recovered and true array, after checking the sample arrays
+    agree and the three mappings name the same known modalities."""
     n_samples = len(ids)
     if (
         ids.ndim != 1
@@ -321,50 +361,27 @@ def write_recovered_parquet(
             f"got trailing shapes {sorted(shapes)}"
         )
     d, seq_len = next(iter(shapes))
+    return d, seq_len
 
-    present = [m for m in MODALITIES if m in recovered]
-    rows_by_m, rec_by_m, true_by_m = [], [], []
-    for m in present:
-        rows = np.asarray(modality_rows[m], dtype=np.int64).reshape(-1)
-        rec, tru = np.asarray(recovered[m]), np.asarray(true[m])
-        if len(rec) != len(rows) or len(tru) != len(rows):
-            raise ValueError(
-                f"modality {m!r}: {len(rows)} rows but recovered has {len(rec)} and true {len(tru)}"
-            )
-        if rows.size and (rows.min() < 0 or rows.max() >= n_samples):
-            raise ValueError(f"modality {m!r}: row indices must lie in [0, {n_samples})")
-        available = patterns[rows, MODALITIES.index(m)]
-        if available.any():
-            raise ValueError(
-                f"modality {m!r}: rows {rows[available].tolist()} have it available, not missing"
-            )
-        rows_by_m.append(rows)
-        rec_by_m.append(rec.astype(np.float32, copy=False))
-        true_by_m.append(tru.astype(np.float32, copy=False))
 
-    all_rows = np.concatenate(rows_by_m)
-    rec_all, true_all = np.concatenate(rec_by_m), np.concatenate(true_by_m)
-    table = pa.table(
-        {
-            "split": pa.array([split] * len(all_rows), type=pa.string()),
-            "sample_id": pa.array([str(i) for i in ids[all_rows]], type=pa.string()),
-            "modality": pa.array(
-                [m for m, r in zip(present, rows_by_m, strict=True) for _ in r], type=pa.string()
-            ),
-            "pattern": pa.array(
-                [pattern_to_subset(tuple(patterns[r])) for r in all_rows], type=pa.string()
-            ),
-            "label": pa.array(labels[all_rows].astype(np.float32), type=pa.float32()),
-            # Pooled in float64 so the float32 mean is as close as float32 allows.
-            "recovered_pooled": _fixed_list(rec_all.mean(axis=2, dtype=np.float64), d),
-            "true_pooled": _fixed_list(true_all.mean(axis=2, dtype=np.float64), d),
-            "recovered": _fixed_list(rec_all, d * seq_len),
-            "true": _fixed_list(true_all, d * seq_len),
-        }
-    ).replace_schema_metadata({_META_D: str(d).encode(), _META_L: str(seq_len).encode()})
-
-    with atomic_path(Path(path)) as tmp:
-        pq.write_table(table, str(tmp))
+def _missing_rows_of(
+    m: str, rows: np.ndarray, rec: np.ndarray, tru: np.ndarray, patterns: np.ndarray
+) -> np.ndarray:
+    """Modality m's row indices (n_m,), checked against its arrays and the patterns: every row
+    lies in the split and has m missing."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rec) != len(rows) or len(tru) != len(rows):
+        raise ValueError(
+            f"modality {m!r}: {len(rows)} rows but recovered has {len(rec)} and true {len(tru)}"
+        )
+    if rows.size and (rows.min() < 0 or rows.max() >= len(patterns)):
+        raise ValueError(f"modality {m!r}: row indices must lie in [0, {len(patterns)})")
+    available = patterns[rows, MODALITIES.index(m)]
+    if available.any():
+        raise ValueError(
+            f"modality {m!r}: rows {rows[available].tolist()} have it available, not missing"
+        )
+    return rows
 
 
 def read_recovered_parquet(path: str | os.PathLike[str]) -> pa.Table:
