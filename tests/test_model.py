@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
+from imder_sweep.losses import sample_time, score_matching_loss
 from imder_sweep.modalities import MODALITIES, SUBSETS, subset_to_pattern
 from imder_sweep.model import (
     IMDer,
@@ -16,8 +20,11 @@ from imder_sweep.model import (
     reference_mosei,
     reference_mosi,
 )
-from imder_sweep.model.config import pick_groups, unet_norm_groups
+from imder_sweep.model.config import ScoreNetConfig, pick_groups, unet_norm_groups
 from imder_sweep.model.score_net import ConditionalScoreUNet
+from imder_sweep.sde import VESDE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = {"sampler": {"steps": 3}}
 # The model shrink of every CPU test (tests/test_train.py shrinks examples/trial-tiny.yaml by it).
@@ -44,9 +51,9 @@ def test_parameter_counts_match_the_release() -> None:
 
 def test_reference_norm_groups_and_channels() -> None:
     cfg = reference_mosi().score_net
-    assert cfg.effective_channels() == (32, 64, 128, 256)
+    assert cfg.effective_channels(32) == (32, 64, 128, 256)
     # The release: GroupNorm(4) at the first level, 32 everywhere else.
-    assert unet_norm_groups(cfg) == ([4, 32, 32, 32], [32, 32, 32])
+    assert unet_norm_groups(cfg, 32) == ([4, 32, 32, 32], [32, 32, 32])
     assert pick_groups(48, 32) == 24 and pick_groups(20, 4) == 4
 
 
@@ -173,7 +180,8 @@ def test_unet_refuses_unbuildable_length_directly() -> None:
 
 def test_width_scales_channels_and_still_builds() -> None:
     cfg = reference_mosi(score_net={"width": 0.5}, **FAST)
-    assert cfg.score_net.effective_channels() == (16, 32, 64, 128)
+    # the first level stays d = 32 wide (see test_narrow_widths_keep_the_first_level_d_wide)
+    assert cfg.score_net.effective_channels(32) == (32, 32, 64, 128)
     model = IMDer(cfg).eval()
     with torch.no_grad():
         out = model(batch(cfg, 2), torch.tensor([[True, False, False]] * 2))
@@ -205,3 +213,59 @@ def test_sampler_is_chosen_at_call_time() -> None:
     with torch.no_grad():
         _, nfe = model.sample_modality("a", cond, sampler=heun)
     assert nfe == 4
+
+
+def widths_in_use() -> list[float]:
+    """Every score_net width that examples/ and search_spaces/ set or search (choice lists and
+    the ends of ranges), in the repository and in the copy shipped with the package."""
+    found: set[float] = set()
+
+    def walk(node: object, key: str = "") -> None:
+        # dotted keys: "model.score_net.width", "space.model.score_net.width.choice", ...
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+        elif "score_net.width" in key:
+            found.update(float(w) for w in (node if isinstance(node, list) else [node]))
+
+    files = [*ROOT.glob("search_spaces/*.yaml"), *ROOT.glob("imder_sweep/search_spaces/*.yaml")]
+    for path in [*files, *ROOT.glob("examples/*.yaml")]:
+        walk(yaml.safe_load(path.read_text()))
+    return sorted(found)
+
+
+def test_widths_in_use_build_with_the_first_level_d_wide() -> None:
+    widths = widths_in_use()
+    assert {0.25, 0.5, 1.0, 1.5} <= set(widths)
+    for width in widths:
+        cfg = reference_mosi(score_net={"width": width})
+        net = ConditionalScoreUNet(cfg.score_net, cfg.d_model, cfg.feature_len, lambda t: t)
+        assert net.down[0].out_channels >= cfg.d_model, width
+        assert cfg.score_net.effective_channels(cfg.d_model)[1] == round(64 * width)
+
+
+@pytest.mark.parametrize("width", widths_in_use())
+def test_narrow_widths_keep_the_first_level_d_wide(width: float) -> None:
+    """Issue 14: with the first level narrower than d = 32 (16 at width 0.5) the part of the noise
+    in its null space is invisible and the denoising loss per element stays above 1 - 16/32 = 0.5
+    (measured: 0.61 after 150 steps). On x0 ~ N(0, 0.01), t in [0.1, 1], where the optimum is
+    below 0.2, 150 Adam steps of a two-level net at the width must bring it under 0.4."""
+    torch.manual_seed(0)
+    sde = VESDE(25.0)
+    cfg = ScoreNetConfig(channels=(32, 64), width=width, heads=4, time_embed_dim=32, attn_layers=1)
+    net = ConditionalScoreUNet(cfg, 32, 8, sde.marginal_std)
+    g = torch.Generator().manual_seed(1)
+
+    def per_element_loss(n: int) -> torch.Tensor:
+        x0 = 0.1 * torch.randn(n, 32, 8, generator=g)
+        t, z = sample_time(n, 0.1, generator=g), torch.randn(n, 32, 8, generator=g)
+        return (score_matching_loss(net, sde, x0, t, z) / (32 * 8)).mean()
+
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = per_element_loss(32)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert per_element_loss(256).item() < 0.4

@@ -46,7 +46,8 @@ class SamplerConfig(_Config):
 class ScoreNetConfig(_Config):
     """The conditional score UNet s_k (sec 3.4).
 
-    `width` scales `channels` (the sweep's "UNet width"); norm groups left as None are chosen per
+    `width` scales `channels` (the sweep's "UNet width") except that the first level never gets
+    narrower than the input d (`effective_channels`); norm groups left as None are chosen per
     layer as the largest divisor of its channels not above the release's 4 (first level) or 32.
     """
 
@@ -74,8 +75,12 @@ class ScoreNetConfig(_Config):
             raise ValueError(f"time_embed_dim must be even (sin and cos halves), got {v}")
         return v
 
-    def effective_channels(self) -> tuple[int, ...]:
-        return tuple(max(1, round(c * self.width)) for c in self.channels)
+    def effective_channels(self, d_model: int) -> tuple[int, ...]:
+        """`channels` scaled by `width`, the first level kept at least d_model wide: a first
+        level narrower than its d input channels has a null space, and the denoising loss
+        cannot fall below 1 - channels / d per element (0.5 at width 0.5) at any t."""
+        scaled = [max(1, round(c * self.width)) for c in self.channels]
+        return (max(d_model, scaled[0]), *scaled[1:])
 
 
 class ScoreLossConfig(_Config):
@@ -162,9 +167,9 @@ def pick_groups(channels: int, target: int) -> int:
     return max(g for g in range(1, min(channels, target) + 1) if channels % g == 0)
 
 
-def unet_norm_groups(cfg: ScoreNetConfig) -> tuple[list[int], list[int]]:
+def unet_norm_groups(cfg: ScoreNetConfig, d_model: int) -> tuple[list[int], list[int]]:
     """Norm groups of the encoder levels and of the decoder levels (all but the output level)."""
-    ch = cfg.effective_channels()
+    ch = cfg.effective_channels(d_model)
     enc = [
         (cfg.first_norm_groups or pick_groups(c, 4))
         if i == 0
@@ -177,7 +182,7 @@ def unet_norm_groups(cfg: ScoreNetConfig) -> tuple[list[int], list[int]]:
 
 def unet_problems(cfg: ScoreNetConfig, d_model: int, length: int) -> list[str]:
     """Everything that keeps the score UNet from being built, each naming the offending value."""
-    ch = cfg.effective_channels()
+    ch = cfg.effective_channels(d_model)
     out: list[str] = []
     for i, c in enumerate(ch):
         if c % cfg.heads:
@@ -187,7 +192,7 @@ def unet_problems(cfg: ScoreNetConfig, d_model: int, length: int) -> list[str]:
             )
     if d_model % cfg.heads:
         out.append(f"score_net.heads={cfg.heads} does not divide d_model={d_model}")
-    enc, dec = unet_norm_groups(cfg)
+    enc, dec = unet_norm_groups(cfg, d_model)
     for where, groups, chans in (
         ("first_norm_groups", enc[:1], ch[:1]),
         ("norm_groups", enc[1:] + dec, ch[1:] + ch[:-1]),

@@ -66,8 +66,8 @@ class ConditionalScoreUNet(nn.Module):
         problems = unet_problems(cfg, d_model, length)
         if problems:
             raise ValueError("; ".join(problems))
-        ch = cfg.effective_channels()
-        enc_groups, dec_groups = unet_norm_groups(cfg)
+        ch = cfg.effective_channels(d_model)
+        enc_groups, dec_groups = unet_norm_groups(cfg, d_model)
         self.marginal_std = marginal_std
         self.time = nn.Sequential(
             GaussianFourierTime(cfg.time_embed_dim, cfg.fourier_scale),
