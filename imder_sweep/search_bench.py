@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,16 +266,15 @@ def _start_ray() -> bool:
 
 def run_search_bench(
     seeds: int = 20, trials: int = 24, variants: Iterable[str] = VARIANTS, concurrent: int = 1
-) -> list[dict[str, Any]]:
-    """Every variant over `seeds` search seeds in one Ray (started here if none runs); rows
-    are printed as they are done and returned."""
+) -> Iterator[dict[str, Any]]:
+    """One row per variant, each over `seeds` search seeds, yielded as it is done; all in one
+    Ray (started here, and stopped at the end, if none runs)."""
     budget = Budget(trials=trials, concurrent=concurrent)
     # Tune's per-trial CSV/JSON/TensorBoard files and its progress boxes cost time and would
     # interleave with the JSON lines; results are read from the ResultGrid.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = _start_ray()
-    rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="imder-search-bench-") as tmp:
             for variant in variants:
@@ -284,12 +283,10 @@ def run_search_bench(
                 row = summarise(variant, runs, budget)
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 row["machine"] = machine()
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                yield row
     finally:
         if started:
             ray.shutdown()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.seeds, args.trials, args.concurrent) < 1:
         parser.error("--seeds, --trials and --concurrent must be at least 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_search_bench(args.seeds, args.trials, variants, args.concurrent)
+    for row in run_search_bench(args.seeds, args.trials, variants, args.concurrent):
+        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ from imder_sweep.sweep.searcher import (
     OptunaSearcher,
     cheapest_within,
     journal_uri,
+    open_study,
     study_name,
 )
 
@@ -171,7 +172,8 @@ def test_an_errored_trial_is_fail(tmp_path: Path) -> None:
 def test_warm_started_trials_are_marked_and_not_run_again(
     asha_run: dict[str, Any], tmp_path: Path
 ) -> None:
-    source = asha_run["searcher"].study
+    # As the sweep reads the studies searched before this one: from their journal files.
+    source = open_study(journal_uri(str(asha_run["root"]), "mr0.3"), study_name("exp", "mr0.3"))
     search = searcher(tmp_path, "mr0.4", warm_start={source.study_name: source.trials})
     grid = fit(search, tmp_path, "mr0.4", trials=3)
     study = load(Path(journal_uri(str(tmp_path), "mr0.4")), study_name("exp", "mr0.4"))

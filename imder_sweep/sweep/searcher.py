@@ -86,6 +86,13 @@ def journal_uri(experiment_root: str, study: str) -> str:
     return storage.join(storage.join(experiment_root, "optuna"), f"{study}.journal")
 
 
+def open_study(storage: str, study_name: str) -> optuna.Study:
+    """A study from its journal (local or s3://), to read: an earlier study's trials for a
+    warm start, a finished one's Pareto set. Not for the study a live searcher writes to (on
+    S3 it would replace that searcher's local copy)."""
+    return optuna.load_study(study_name=study_name, storage=JournalFile(storage).storage())
+
+
 class JournalFile:
     """An Optuna journal at a local path or an `s3://` URI (through a local copy)."""
 
