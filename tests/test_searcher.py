@@ -193,6 +193,10 @@ def test_warm_started_trials_are_marked_and_not_run_again(
     assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in ran) == sorted(
         r.metrics["trial_id"] for r in grid
     )
+    # The pick for this study's final runs is one of the trials it ran.
+    own = [t for t in ran if t.state == TrialState.COMPLETE]
+    best = min(own, key=lambda t: t.value)
+    assert [t.number for t in search.best_trials] == [best.number]
 
 
 def test_warm_start_from_another_space_is_refused(asha_run: dict[str, Any], tmp_path: Path) -> None:

@@ -190,6 +190,17 @@ def carried_over(
     return out
 
 
+def pareto_front(trials: Sequence[FrozenTrial], modes: Sequence[Mode]) -> list[FrozenTrial]:
+    """The trials no other one dominates (as good on every objective, better on one)."""
+    signs = [1.0 if mode == "min" else -1.0 for mode in modes]
+    keys = [[sign * v for sign, v in zip(signs, t.values, strict=True)] for t in trials]
+
+    def dominated(k: list[float]) -> bool:
+        return any(o != k and all(a <= b for a, b in zip(o, k, strict=True)) for o in keys)
+
+    return [t for t, k in zip(trials, keys, strict=True) if not dominated(k)]
+
+
 def cheapest_within(
     trials: Sequence[FrozenTrial], objectives: Sequence[Objective], tolerance: float
 ) -> FrozenTrial | None:
@@ -447,11 +458,15 @@ class OptunaSearcher(Searcher):
 
     @property
     def best_trials(self) -> list[FrozenTrial]:
-        """The Pareto set (multi-objective) or the best trial (one objective); [] if none."""
-        if len(self.objectives) > 1:
-            return self.study.best_trials
-        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return [self.study.best_trial] if done else []
+        """The Pareto set (the best trial, with one objective) of the trials this search ran:
+        a carried-over trial was measured on another study's task, so it is never the pick
+        for this one's final runs. [] before a trial completes."""
+        own = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if WARM_START_ATTR not in t.user_attrs
+        ]
+        return pareto_front(own, [mode for _, mode in self.objectives])
 
     @property
     def trial_numbers(self) -> dict[str, int]:
