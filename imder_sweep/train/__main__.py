@@ -45,7 +45,7 @@ def summary_table(result) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m imder_sweep.train", description=__doc__)
     parser.add_argument("--config", type=Path, required=True, help="trial config YAML")
     parser.add_argument(
@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write recovered features (Parquet) and consistency numbers",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     sets = list(args.sets)
     if args.data:
         sets.append(f"data.source={args.data}")
