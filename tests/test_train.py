@@ -136,7 +136,7 @@ def test_resumed_trial_that_early_stops_reports_the_loops_stop(
         cfg,
         out_dir=tmp_path / "run",
         cache_dir=out / "run" / "pretrain-cache",
-        reporter=EpochReporter(cfg, lambda metrics, ckpt: sent.append(metrics)),
+        reporter=EpochReporter(lambda metrics, ckpt: sent.append(metrics)),
         resume_state=tmp_path / "resume.pt",
         evaluate_test=False,
     )

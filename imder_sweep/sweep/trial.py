@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,29 +153,19 @@ class EpochReporter:
     """The loop's per-epoch `Reporter` -> a flat metrics dict for Tune or Train.
 
     Only stage (b) is reported (stage (a) is shared and done before the trials), so the reported
-    `epoch` is what ASHA counts. `loop_done` tells a stop of the loop itself (last epoch or early
-    stopping) from a stop by the scheduler.
+    `epoch` is what ASHA counts. `loop_done` is the loop's own decision (the row's: last epoch or
+    early stopping, counted across resumes), which tells its stop from one by the scheduler.
     """
 
     def __init__(
-        self,
-        cfg: TrialConfig,
-        send: Callable[[dict[str, Any], Path | None], None],
-        world_size: int = 1,
+        self, send: Callable[[dict[str, Any], Path | None], None], world_size: int = 1
     ) -> None:
-        self.cfg, self.send, self.world_size = cfg, send, world_size
-        self.best: float | None = None
-        self.since_best = 0
+        self.send, self.world_size = send, world_size
 
     def __call__(self, stage: str, epoch: int, row: dict[str, float], ckpt: Path | None) -> None:
         if stage != "train":
             return
-        tc = self.cfg.train
-        best = row[f"best_valid_{tc.select_metric}"]
-        improved = self.best is None or (best != self.best and not math.isnan(best))
-        self.since_best = 0 if improved else self.since_best + 1
-        self.best = best
-        done = epoch >= tc.epochs or self.since_best >= tc.early_stop
+        done = bool(row["loop_done"])
         self.send({**row, "epoch": epoch, "loop_done": done, "world_size": self.world_size}, ckpt)
 
 
@@ -222,7 +211,7 @@ def run_in_process(
     cfg = ctx.config(params, seed)
     dataset = get_dataset(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
-    reporter = EpochReporter(cfg, send) if send else None
+    reporter = EpochReporter(send) if send else None
     run_id = _start_run(ctx, cfg, final=evaluate_test, trial_id=trial_id)
     mlflow = _mlflow(ctx, run_id)
     if mlflow is not None:
@@ -349,7 +338,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ctx.config(loop_config["params"], loop_config["seed"], device=device)
     dataset = get_dataset(ctx.dataset)
     cache = _cache_for(ctx, cfg.seed)
-    reporter = EpochReporter(cfg, _send_from_rank(rank), world)
+    reporter = EpochReporter(_send_from_rank(rank), world)
     # Only rank 0 logs to MLflow.
     run_id = (
         _start_run(ctx, cfg, final=final, trial_id=loop_config["trial_id"]) if rank == 0 else None

@@ -43,7 +43,9 @@ from imder_sweep.util import atomic_write_json
 PRETRAINED_PREFIXES = ("encoders.", "fusion.")
 
 Reporter = Callable[[str, int, dict[str, float], Path | None], None]
-"""reporter(stage, epoch, metrics, checkpoint_dir): called after every epoch of both stages."""
+"""reporter(stage, epoch, row, checkpoint_dir): called after every epoch of both stages. `row` is
+the epoch's history row; its `loop_done` (1.0 or 0.0) is the loop's own decision to end the stage
+there (last epoch, or early stopping counted across resumes)."""
 
 
 @dataclass
@@ -225,7 +227,7 @@ def fit_stage(
             samples=len(train) + len(valid),
             best=(tc.select_metric, progress.best_value),
         )
-        progress.history.append(row)
+        progress.history.append({**row, "loop_done": float(done)})
         ckpt = None
         if state_dir is not None and (epoch % tc.checkpoint_every == 0 or done):
             ckpt = state_dir / f"{stage}-state"
