@@ -12,9 +12,12 @@ import yaml
 
 from imder_sweep.data import load_dataset
 from imder_sweep.metrics import METRIC_NAMES
+from imder_sweep.model import IMDer
 from imder_sweep.train import ConfigError, TrialConfig, resolve_trial_config, run_trial
 from imder_sweep.train.__main__ import main as train_main
 from imder_sweep.train.config import load_yaml
+from imder_sweep.train.evaluate import evaluate, predict
+from imder_sweep.train.splits import prepare_splits
 from imder_sweep.util import deep_merge
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "trial-tiny.yaml"
@@ -157,6 +160,24 @@ def test_zero_fill_recovers_zeros(tmp_path: Path) -> None:
             read_recovered_parquet(tmp_path / f"recovered_{split}.parquet"), "recovered"
         )
         assert recovered.shape[0] > 0 and not recovered.any(), split
+
+
+def test_evaluation_takes_its_sampler_at_call_time() -> None:
+    """One model evaluated under two samplers: each spends its own NFE, and passing the model's
+    own sampler is the default evaluation, bit for bit."""
+    cfg = resolve_trial_config(TINY)
+    torch.manual_seed(0)
+    model = IMDer(cfg.model)
+    valid = prepare_splits(load_dataset(cfg.data.source), cfg, torch.device("cpu"))["valid"]
+    default, _ = predict(model, valid, 64, cfg.seed, "valid")
+    own, _ = predict(model, valid, 64, cfg.seed, "valid", sampler=cfg.model.sampler)
+    assert torch.equal(default, own)
+    steps = cfg.model.sampler.steps
+    longer = cfg.model.sampler.model_copy(update={"steps": 2 * steps})
+    nfe = evaluate(model, valid, 64, cfg.seed, "valid")["nfe"]
+    assert (
+        nfe > 0 and evaluate(model, valid, 64, cfg.seed, "valid", sampler=longer)["nfe"] == 2 * nfe
+    )
 
 
 @pytest.mark.parametrize("build", ["model_validate", "resolve_trial_config"])

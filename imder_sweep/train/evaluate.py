@@ -13,7 +13,7 @@ from torch import Tensor
 from imder_sweep.data import SPLITS
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
-from imder_sweep.model import IMDer
+from imder_sweep.model import IMDer, SamplerConfig
 from imder_sweep.train.config import TrainConfig, TrialConfig
 from imder_sweep.train.splits import SplitData
 from imder_sweep.util import atomic_write_json
@@ -36,9 +36,11 @@ def predict(
     seed: int,
     split: str,
     collect: bool = False,
+    sampler: SamplerConfig | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Predictions (N,) for a split in order (no shuffling), with fixed sampling noise; missing
-    modalities are recovered by solving eq. 14 as in training (sec 3.4).
+    modalities are recovered by solving eq. 14 with `sampler` (None: the model's own, the one
+    it trained with), so a trained model is evaluated under any solver and step count.
 
     With `collect`, also returns recovered and true encoded features per missing modality.
     """
@@ -49,7 +51,7 @@ def predict(
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
         inputs, _, masks = data.batch(idx)
-        out = model(inputs, masks, generator=gen)
+        out = model(inputs, masks, generator=gen, sampler=sampler)
         preds.append(out.pred)
         nfe += out.nfe
         if collect:
@@ -66,10 +68,16 @@ def predict(
 
 
 def evaluate(
-    model: IMDer, data: SplitData, batch_size: int, seed: int, split: str
+    model: IMDer,
+    data: SplitData,
+    batch_size: int,
+    seed: int,
+    split: str,
+    sampler: SamplerConfig | None = None,
 ) -> dict[str, float]:
-    """The metrics of `regression_metrics` on a split, its valid loss and the sampler NFE."""
-    pred, extra = predict(model, data, batch_size, seed, split)
+    """The metrics of `regression_metrics` on a split, its valid loss and the sampler NFE, with
+    the missing modalities recovered by `sampler` (None: the model's own)."""
+    pred, extra = predict(model, data, batch_size, seed, split, sampler=sampler)
     metrics = regression_metrics(pred.float().cpu().numpy(), data.labels.cpu().numpy())
     metrics["loss"] = metrics["mae"]  # the release's valid loss: L1 of the prediction
     metrics["nfe"] = float(extra["nfe"])
