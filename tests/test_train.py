@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_model import TINY as TINY_MODEL
 
 from imder_sweep.data import load_dataset
 from imder_sweep.metrics import METRIC_NAMES
@@ -21,13 +22,6 @@ from imder_sweep.train.splits import prepare_splits
 from imder_sweep.util import deep_merge
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "trial-tiny.yaml"
-# The model shrink every CPU test uses (tests/test_model.py builds its ModelConfig from it).
-TINY_MODEL: dict = {
-    "sampler": {"steps": 3},
-    "score_net": {"channels": [8, 16], "heads": 4, "time_embed_dim": 16},
-    "reconstruction": {"blocks": 1, "reduction": 4},
-    "fusion": {"nlevels": 1, "mem_layers": 1},
-}
 # examples/trial-tiny.yaml, shrunk: less data, a smaller model, fewer epochs.
 TINY: dict = deep_merge(
     load_yaml(EXAMPLE),
