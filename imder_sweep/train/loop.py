@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,17 @@ import torch
 from torch import Tensor
 
 from imder_sweep.data import SPLITS, MultimodalDataset, load_dataset
-from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
-from imder_sweep.protocols import realised_mr
+from imder_sweep.protocols import normalize_mr, realised_mr
 from imder_sweep.train.config import TrainConfig, TrialConfig
-from imder_sweep.train.evaluate import eval_batch_size, evaluate, export_recovered_features
+from imder_sweep.train.evaluate import (
+    eval_batch_size,
+    evaluate,
+    evaluate_at_mrs,
+    export_recovered_features,
+)
 from imder_sweep.train.evaluate import predict as predict  # re-exported: solver_study.py
+from imder_sweep.train.health import encoded_mean, stage_probe
 from imder_sweep.train.parallel import DataParallel
 from imder_sweep.train.splits import SplitData, prepare_splits
 from imder_sweep.train.state import STATE_FILE, LoopState, Progress, atomic_torch_save
@@ -203,6 +208,7 @@ def fit_stage(
     opt, sched = make_optimizer(model, tc)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     progress = resume.restore(model, opt, sched, order_gen) if resume else Progress()
+    probe = stage_probe(model, splits, cfg, eval_batch_size(tc))
     forward = parallel.wrap(model) if parallel is not None else None
     train, valid = splits["train"], splits["valid"]
     realised = {s: realised_mr(splits[s].masks.cpu().numpy()) for s in ("train", "valid")}
@@ -212,7 +218,7 @@ def fit_stage(
         epoch, t0 = progress.epoch + 1, time.perf_counter()
         order = torch.randperm(len(train), generator=order_gen)
         tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
-        va = evaluate(model, valid, eval_batch_size(tc), cfg.seed, "valid")
+        va = evaluate(model, valid, eval_batch_size(tc), cfg.seed, "valid", health=probe)
         seconds = time.perf_counter() - t0
         sched.step(va["loss"])
         progress.record(epoch, va, va.get(tc.select_metric, math.nan), model, tc.select_mode)
@@ -263,6 +269,11 @@ def pretrain_key(cfg: TrialConfig, data_checksum: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:20]
 
 
+def pretrain_dirname(key: str) -> str:
+    """The folder of one stage-(a) checkpoint (`pretrain_key`) in a pretraining cache."""
+    return f"pretrain-{key}"
+
+
 def run_pretrain(
     cfg: TrialConfig,
     dataset: MultimodalDataset,
@@ -272,7 +283,7 @@ def run_pretrain(
 ) -> tuple[Path, dict[str, Any]]:
     """Stage (a), cached: returns the checkpoint path and its summary (reused when present)."""
     key = pretrain_key(cfg, dataset.checksum)
-    path = Path(cache_dir) / f"pretrain-{key}" / "model.pt"
+    path = Path(cache_dir) / pretrain_dirname(key) / "model.pt"
     meta_path = path.with_name("meta.json")
     if path.exists() and meta_path.exists():
         return path, {**json.loads(meta_path.read_text()), "reused": True}
@@ -335,9 +346,7 @@ def init_stage_b(
         model.encoders.requires_grad_(False)
     splits = prepare_splits(dataset, cfg, device)
     if cfg.model.recovery == "mean":
-        with torch.no_grad():
-            feats = model.encode(splits["train"].inputs)  # modality -> (N, d, L')
-            model.feature_mean.copy_(torch.stack([feats[m].mean(dim=0) for m in MODALITIES]))
+        model.feature_mean.copy_(encoded_mean(model, splits["train"]))
     return model, splits
 
 
@@ -368,6 +377,8 @@ def run_trial(
     export_recovered: bool = False,
     evaluate_test: bool = True,
     parallel: DataParallel | None = None,
+    test_mrs: Sequence[float] = (),
+    robustness_seed: int | None = None,
 ) -> TrialResult:
     """One trial end to end: (a) pretraining (cached), (b) incomplete training, test once.
 
@@ -375,7 +386,16 @@ def run_trial(
     `cfg.data`. `cache_dir` holds pretraining checkpoints (default: `out_dir/pretrain-cache`).
     Search trials pass `evaluate_test=False`: the test split is not even evaluated. `parallel`
     makes stage (b) one rank of a data-parallel run (see `DataParallel`).
+
+    `test_mrs`: after the test evaluation, the best checkpoint is tested once more per missing
+    rate under the random protocol, with masks seeded by `robustness_seed` (default: cfg.seed;
+    a sweep passes one seed so every model sees the same masks per rate), into
+    `result.extra["robustness"]` (see `evaluate_at_mrs`).
     """
+    if test_mrs and not evaluate_test:
+        raise ValueError("test_mrs evaluate the test split: they need evaluate_test=True")
+    for mr in test_mrs:
+        normalize_mr(mr)  # an MR out of range fails here, not after training
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     dataset = trial_dataset(cfg, dataset)
@@ -408,6 +428,11 @@ def run_trial(
         seconds=time.perf_counter() - t_start,
         config=cfg.model_dump(mode="json"),
     )
+    if test_mrs:
+        seed = cfg.seed if robustness_seed is None else robustness_seed
+        result.extra["robustness"] = evaluate_at_mrs(
+            model, splits["test"], eval_bs, cfg.seed, test_mrs, seed
+        )
     if out_dir is not None:
         scored = ("valid", "test") if evaluate_test else ("valid",)
         export = scored if export_recovered else ()
