@@ -149,3 +149,47 @@ def test_cycle_check_sees_lazy_imports_and_imported_modules(tmp_path: Path) -> N
     assert graph["pkg.sub.b"] == {"pkg.c"}
     assert graph["pkg.d"] == {"pkg.c"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+
+
+MAX_FUNCTION_LINES = 60
+# Functions allowed to be longer, each with the reason (none today).
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def long_functions(root: Path, package: str, limit: int) -> dict[str, int]:
+    """`module:qualified.name` -> lines (decorators excluded) of every function over `limit`."""
+    found = {}
+    for name, path in _modules(root, package).items():
+        tree = ast.parse(path.read_text(), str(path))
+        stack: list[tuple[ast.AST, str]] = [(tree, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    qual = f"{prefix}{child.name}"
+                    stack.append((child, qual + "."))
+                    lines = child.end_lineno - child.lineno + 1
+                    if not isinstance(child, ast.ClassDef) and lines > limit:
+                        found[f"{name}:{qual}"] = lines
+    return found
+
+
+def test_no_function_over_60_lines() -> None:
+    """The house style's small units: a longer function is split along its concerns, or listed
+    in LONG_FUNCTIONS with the reason."""
+    found = long_functions(ROOT, PACKAGE, MAX_FUNCTION_LINES)
+    unexplained = {k: v for k, v in found.items() if k not in LONG_FUNCTIONS}
+    assert not unexplained, f"functions over {MAX_FUNCTION_LINES} lines: {unexplained}"
+
+
+def test_long_function_check_counts_methods_and_nested_functions(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "m.py").write_text(
+        f"class C:\n    def short(self):\n        return 1\n\n    def long(self):\n"
+        f"    {body.replace(chr(10), chr(10) + '    ')}\n\n\ndef outer():\n    def inner():\n"
+        f"    {body.replace(chr(10), chr(10) + '    ')}\n    return inner\n"
+    )
+    found = long_functions(tmp_path, "pkg", 60)
+    assert found == {"pkg.m:C.long": 62, "pkg.m:outer": 64, "pkg.m:outer.inner": 62}
