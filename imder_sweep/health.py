@@ -143,9 +143,9 @@ def denoising_loss_by_time(
         sum over samples and elements of (std(t) s(x_t, t, c_t) + z)^2 / x0.numel().
 
     Pass the model in eval mode (dropout would draw from the global RNG) and the same x0, cond
-    and a freshly seeded generator every epoch, so the buckets compare across epochs. The noise
-    is drawn for all n rows at once; `batch_size` only splits the score calls (memory), so the
-    result does not depend on it beyond float rounding.
+    and a freshly seeded generator every epoch, so the buckets compare across epochs. All times
+    run as one stacked batch of len(times) x n rows; `batch_size` caps the rows of a score call
+    (memory) and changes the result by float rounding only.
 
     References, per time: `zero` = 1, the expected loss of a score that outputs 0; `gaussian` =
     the mean over elements j of var_j / (var_j + std(t)^2), with var_j the variance of x0's
@@ -158,6 +158,26 @@ def denoising_loss_by_time(
 
     n = 0: `loss` and `gaussian` are NaN (nothing to evaluate, the score is not called).
     """
+    ts = _check_denoising_arguments(sde, times, condition_noise, batch_size)
+    n, k = x0.shape[0], len(ts)
+    if n == 0:
+        return DenoisingByTime(0, ts, (math.nan,) * k, (math.nan,) * k)
+    z, z_cond = _time_noise(x0, cond, k, generator, condition_noise)  # (k n, d, L') each
+    t = torch.tensor(ts, device=x0.device, dtype=x0.dtype).repeat_interleave(n)  # (k n,)
+    per_example = _stacked_loss(
+        score,
+        sde,
+        (_stack(x0, k), t, z, None if cond is None else _stack(cond, k), z_cond),
+        condition_noise,
+        batch_size or k * n,
+    )  # (k n,)
+    losses = per_example.double().view(k, n).sum(dim=1) / x0.numel()  # (k,)
+    return DenoisingByTime(n, ts, tuple(losses.tolist()), _gaussian_reference(sde, x0, ts))
+
+
+def _check_denoising_arguments(
+    sde: SDE, times: Sequence[float], condition_noise: str, batch_size: int | None
+) -> tuple[float, ...]:
     ts = tuple(float(t) for t in times)
     if not ts or not all(0.0 < t <= sde.T for t in ts):
         raise ValueError(f"denoising times must be a non-empty list in (0, {sde.T}], got {ts}")
@@ -167,35 +187,57 @@ def denoising_loss_by_time(
         raise ValueError(
             f"unknown condition_noise {condition_noise!r}; known: ['clean', 'independent', 'same']"
         )
-    n = x0.shape[0]
-    if n == 0:
-        return DenoisingByTime(0, ts, (math.nan,) * len(ts), (math.nan,) * len(ts))
-    var = x0.double().var(dim=0, unbiased=False)  # (d, L')
-    losses, gaussian = [], []
-    for t in ts:
-        t_vec = torch.full((n,), t, device=x0.device, dtype=x0.dtype)  # (n,)
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        z_cond = (
-            torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
-            if cond is not None and condition_noise == "independent"
-            else None
-        )
-        step = batch_size or n
-        total = torch.zeros((), dtype=torch.float64, device=x0.device)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            per_example = score_matching_loss(
+    return ts
+
+
+def _time_noise(
+    x0: Tensor, cond: Tensor | None, k: int, generator: torch.Generator, condition_noise: str
+) -> tuple[Tensor, Tensor | None]:
+    """z (k n, d, L') and, for "independent", z_cond of cond's rows: for each of the k times
+    in turn, z then z_cond from `generator`, time-major like the stacked batch."""
+    zs, z_conds = [], []
+    for _ in range(k):
+        zs.append(torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+        if cond is not None and condition_noise == "independent":
+            z_conds.append(
+                torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            )
+    return torch.cat(zs), torch.cat(z_conds) if z_conds else None
+
+
+def _stacked_loss(
+    score: ConditionalScore,
+    sde: SDE,
+    batch: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None],
+    condition_noise: Literal["same", "independent", "clean"],
+    step: int,
+) -> Tensor:
+    """Per-example eq. 13 of the stacked batch (x0, t, z, cond, z_cond), `step` rows a call."""
+    x0, t, z, cond, z_cond = batch  # (R, d, L'), (R,), (R, d, L'), (R, d, L') or None, same
+    return torch.cat(
+        [
+            score_matching_loss(
                 score,
                 sde,
                 x0[rows],
-                t_vec[rows],
+                t[rows],
                 z[rows],
                 None if cond is None else cond[rows],
                 condition_noise=condition_noise,
                 z_cond=None if z_cond is None else z_cond[rows],
             )  # (rows,) sums over (d, L')
-            total += per_example.double().sum()
-        losses.append(total.item() / x0.numel())
-        std2 = sde.marginal_std(torch.tensor([t], dtype=torch.float64)).item() ** 2
-        gaussian.append((var / (var + std2)).mean().item())
-    return DenoisingByTime(n, ts, tuple(losses), tuple(gaussian))
+            for rows in (slice(i, i + step) for i in range(0, x0.shape[0], step))
+        ]
+    )
+
+
+def _stack(x: Tensor, k: int) -> Tensor:
+    """(n, ...) -> (k n, ...): k copies, time-major."""
+    return x.expand(k, *x.shape).flatten(0, 1)
+
+
+def _gaussian_reference(sde: SDE, x0: Tensor, ts: tuple[float, ...]) -> tuple[float, ...]:
+    """Per time, the mean over elements of var / (var + std(t)^2), var over x0's rows (ddof=0)."""
+    var = x0.double().var(dim=0, unbiased=False).flatten()  # (d L',)
+    std2 = sde.marginal_std(torch.tensor(ts, dtype=torch.float64, device=x0.device)) ** 2  # (k,)
+    return tuple((var / (var + std2[:, None])).mean(dim=1).tolist())

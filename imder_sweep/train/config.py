@@ -84,6 +84,9 @@ class TrainConfig(_Config):
     freeze_encoders: bool = True
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     checkpoint_every: int = Field(1, ge=1)
+    # Recovery health (health_*, dsm_*) at every validation evaluation of stage (b); it never
+    # changes training, and costs a few per cent of an epoch (docs/recovery-health.md).
+    recovery_health: bool = True
 
 
 # The released training settings per preset: a preset sets these unless the config gives them.

@@ -4,6 +4,8 @@ distribution-consistency numbers (Fig. 3/4 as numbers)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,9 @@ from imder_sweep.data import SPLITS
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer, SamplerConfig
+from imder_sweep.protocols import realised_mr, split_masks
 from imder_sweep.train.config import TrainConfig, TrialConfig
+from imder_sweep.train.health import HealthProbe
 from imder_sweep.train.splits import SplitData
 from imder_sweep.util import atomic_write_json
 
@@ -74,14 +78,44 @@ def evaluate(
     seed: int,
     split: str,
     sampler: SamplerConfig | None = None,
+    health: HealthProbe | None = None,
 ) -> dict[str, float]:
     """The metrics of `regression_metrics` on a split, its valid loss and the sampler NFE, with
-    the missing modalities recovered by `sampler` (None: the model's own)."""
-    pred, extra = predict(model, data, batch_size, seed, split, sampler=sampler)
+    the missing modalities recovered by `sampler` (None: the model's own). With `health`, also
+    the recovery health of this very pass (`HealthProbe.metrics`: health_*, dsm_*)."""
+    collect = health is not None
+    pred, extra = predict(model, data, batch_size, seed, split, collect=collect, sampler=sampler)
     metrics = regression_metrics(pred.float().cpu().numpy(), data.labels.cpu().numpy())
     metrics["loss"] = metrics["mae"]  # the release's valid loss: L1 of the prediction
     metrics["nfe"] = float(extra["nfe"])
+    if health is not None:
+        metrics |= health.metrics(model, data, extra["recovered"])
     return metrics
+
+
+def evaluate_at_mrs(
+    model: IMDer,
+    test: SplitData,
+    batch_size: int,
+    seed: int,
+    mrs: Sequence[float],
+    mask_seed: int,
+) -> dict[str, dict[str, float]]:
+    """The test split once per missing rate in `mrs` under the random protocol (sec 4.1; 0.7
+    means 2/3), masks drawn from `mask_seed` as `protocols.split_masks` draws the test masks,
+    so a model trained at rate r with seed `mask_seed` sees its own test masks at r.
+
+    Returns f"{mr:g}" -> the metrics of `evaluate` (sampling noise from `seed`, as the test
+    evaluation) plus `realised_mr`, the realised MR of those masks."""
+    out: dict[str, dict[str, float]] = {}
+    for mr in mrs:
+        masks = split_masks("random", {"test": len(test)}, mr, None, mask_seed)["test"]  # (N, 3)
+        data = replace(test, masks=torch.from_numpy(masks).to(test.masks.device))
+        out[f"{mr:g}"] = {
+            **evaluate(model, data, batch_size, seed, "test"),
+            "realised_mr": realised_mr(masks),
+        }
+    return out
 
 
 def export_recovered_features(

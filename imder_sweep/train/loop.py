@@ -365,6 +365,39 @@ def pretraining_only(cfg: TrialConfig, info: dict[str, Any], seconds: float) -> 
     )
 
 
+def check_test_mrs(test_mrs: Sequence[float], evaluate_test: bool) -> None:
+    """Refuse robustness rates before any training: out of range, or with no test evaluation."""
+    if test_mrs and not evaluate_test:
+        raise ValueError("test_mrs evaluate the test split: they need evaluate_test=True")
+    for mr in test_mrs:
+        normalize_mr(mr)
+
+
+def stage_b_result(
+    cfg: TrialConfig,
+    progress: Progress,
+    splits: dict[str, SplitData],
+    test: dict[str, float],
+    pretrain_info: dict[str, Any],
+    t_start: float,
+    extra: dict[str, Any],
+) -> TrialResult:
+    """The result of a trial that trained stage (b): its best epoch's valid metrics, the test
+    metrics (or none), the realised MR per split and the stage's history."""
+    return TrialResult(
+        valid=progress.best_metrics,
+        test=test,
+        best_epoch=progress.best_epoch,
+        epochs_run=len(progress.history),
+        realised_mr={s: realised_mr(splits[s].masks.cpu().numpy()) for s in SPLITS},
+        history=progress.history,
+        pretrain=pretrain_info,
+        seconds=time.perf_counter() - t_start,
+        config=cfg.model_dump(mode="json"),
+        extra=extra,
+    )
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -387,15 +420,11 @@ def run_trial(
     Search trials pass `evaluate_test=False`: the test split is not even evaluated. `parallel`
     makes stage (b) one rank of a data-parallel run (see `DataParallel`).
 
-    `test_mrs`: after the test evaluation, the best checkpoint is tested once more per missing
-    rate under the random protocol, with masks seeded by `robustness_seed` (default: cfg.seed;
-    a sweep passes one seed so every model sees the same masks per rate), into
-    `result.extra["robustness"]` (see `evaluate_at_mrs`).
+    `test_mrs`: the best checkpoint is also tested at each of these MRs (random protocol, masks
+    from `robustness_seed`, default cfg.seed), into `result.extra["robustness"]`
+    (`evaluate_at_mrs`); a sweep passes one seed so every model sees the same masks per MR.
     """
-    if test_mrs and not evaluate_test:
-        raise ValueError("test_mrs evaluate the test split: they need evaluate_test=True")
-    for mr in test_mrs:
-        normalize_mr(mr)  # an MR out of range fails here, not after training
+    check_test_mrs(test_mrs, evaluate_test)
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     dataset = trial_dataset(cfg, dataset)
@@ -415,24 +444,15 @@ def run_trial(
     )
     model.load_state_dict(progress.best_state)
     eval_bs = eval_batch_size(cfg.train)
-    # Once, on the best checkpoint.
+    # Once, on the best checkpoint; then, if asked, at other test missing rates.
     test = evaluate(model, splits["test"], eval_bs, cfg.seed, "test") if evaluate_test else {}
-    result = TrialResult(
-        valid=progress.best_metrics,
-        test=test,
-        best_epoch=progress.best_epoch,
-        epochs_run=len(progress.history),
-        realised_mr={s: realised_mr(splits[s].masks.cpu().numpy()) for s in SPLITS},
-        history=progress.history,
-        pretrain=pretrain_info,
-        seconds=time.perf_counter() - t_start,
-        config=cfg.model_dump(mode="json"),
-    )
+    extra: dict[str, Any] = {}
     if test_mrs:
-        seed = cfg.seed if robustness_seed is None else robustness_seed
-        result.extra["robustness"] = evaluate_at_mrs(
-            model, splits["test"], eval_bs, cfg.seed, test_mrs, seed
+        mask_seed = cfg.seed if robustness_seed is None else robustness_seed
+        extra["robustness"] = evaluate_at_mrs(
+            model, splits["test"], eval_bs, cfg.seed, test_mrs, mask_seed
         )
+    result = stage_b_result(cfg, progress, splits, test, pretrain_info, t_start, extra)
     if out_dir is not None:
         scored = ("valid", "test") if evaluate_test else ("valid",)
         export = scored if export_recovered else ()
