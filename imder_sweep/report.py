@@ -1,7 +1,8 @@
 """`python -m imder_sweep.report EXPERIMENT_DIR`: rebuild an experiment's tables from its results.
 
 Reads plan.json and results/ of a finished, running or interrupted sweep (local directory or
-s3:// URI), prints the paper-layout tables and rewrites table.md and table.csv next to them.
+s3:// URI), prints the paper-layout tables and the comparisons with the variants, and rewrites
+table.md, table.csv, the comparisons' CSVs and the figures next to them (`sweep/outputs.py`).
 Studies without final runs yet show as dashes; partly evaluated ones show the seeds they have.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from imder_sweep.data import DataError, storage
-from imder_sweep.sweep import tables
+from imder_sweep.sweep import outputs
 from imder_sweep.sweep.experiment import PLAN, ExperimentDir
 
 
@@ -26,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         if not exp.exists(PLAN):
             print(f"error: {root}: no {PLAN}; not an experiment directory", file=sys.stderr)
             return 2
-        md = tables.build(exp)[0] if args.no_write else tables.write(exp)
+        report = outputs.build(exp) if args.no_write else outputs.write(exp, figures=True)
     except (DataError, KeyError, ValueError) as exc:
         print(f"error: {root}: cannot read the results: {exc}", file=sys.stderr)
         return 2
-    print(md, end="")
+    print(report.markdown, end="")
     if not args.no_write:
-        print(f"wrote {exp.path(tables.TABLE_MD)} and {exp.path(tables.TABLE_CSV)}")
+        print(f"wrote {', '.join(exp.path(name) for name in report.files)}")
     return 0
 
 

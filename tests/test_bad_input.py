@@ -102,6 +102,11 @@ CASES: dict[str, Case] = {
         demo("wrong-type"),
         expect=(demo("wrong-type"), "search.num_samples:", "valid integer", "(got 'many')"),
     ),
+    "unknown-warm-start": tune(
+        "--space",
+        demo("warm-start"),
+        expect=(demo("warm-start"), "search.warm_start:", "'none' or 'previous'", "(got 'last')"),
+    ),
     "empty-search-space": tune(
         "--space", demo("empty-space"), expect=(demo("empty-space"), "space:", "at least 1 item")
     ),
@@ -120,6 +125,26 @@ CASES: dict[str, Case] = {
     ),
     "unknown-protocol": tune(
         "--space", demo("protocol"), expect=(demo("protocol"), "protocol.kind:", "'burst'")
+    ),
+    "variant-unknown-key": tune(
+        "--space",
+        demo("variant-key"),
+        expect=(demo("variant-key"), "final.variants.zero.model.recovry", "unknown config key"),
+    ),
+    "variant-changes-masks": tune(
+        "--space",
+        demo("variant-paired"),
+        expect=(demo("variant-paired"), "final.variants.half.protocol.mr", "(got 0.5)"),
+    ),
+    "variant-reserved-name": tune(
+        "--space",
+        demo("variant-name"),
+        expect=(demo("variant-name"), "final.variants.imder", "the chosen configuration's name"),
+    ),
+    "test-mr-out-of-range": tune(
+        "--space",
+        demo("test-mr"),
+        expect=(demo("test-mr"), "final.test_mr.1:", "outside [0, 2/3]", "(got 0.8)"),
     ),
     "missing-data-file": tune(
         "--space",
@@ -278,15 +303,23 @@ def _space_edits() -> dict[str, Edit]:
     def space(key: str, dist: dict[str, Any]) -> Edit:
         return lambda raw: raw["space"].update({key: dist})
 
+    def final(**kv: Any) -> Edit:
+        return lambda raw: raw["final"].update(kv)
+
     return {
         "demo": lambda raw: None,
         "unknown-key": search(numsamples=3),
         "wrong-type": search(num_samples="many"),
+        "warm-start": search(warm_start="last"),
         "empty-space": lambda raw: raw.update(space={}),
         "mr": lambda raw: raw["studies"].update(mr=[0.3, 0.8]),
         "width": space("model.score_net.width", {"choice": [0.25, 0.3]}),
         "solver": space("model.sampler.solver", {"choice": ["euler_maruyama", "rk45"]}),
         "protocol": lambda raw: raw["fixed"]["protocol"].update(kind="burst"),
+        "variant-key": final(variants={"zero": {"model.recovry": "zero"}}),
+        "variant-paired": final(variants={"half": {"protocol.mr": 0.5}}),
+        "variant-name": final(variants={"imder": {"model.recovery": "zero"}}),
+        "test-mr": final(test_mr=[0.0, 0.8]),
     }
 
 

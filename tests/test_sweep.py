@@ -17,7 +17,7 @@ import yaml
 
 from imder_sweep import report
 from imder_sweep import tune as tune_cli
-from imder_sweep.sweep import tables
+from imder_sweep.sweep import comparisons, tables
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.plan import describe, make_plan
 from imder_sweep.sweep.space import (
@@ -47,8 +47,9 @@ def write_space(tmp_path: Path, raw: dict[str, Any], name: str = "space.yaml") -
 # --- shipped space files ----------------------------------------------------------------------
 
 
-def test_three_spaces_are_shipped() -> None:
-    assert {p.name for p in SPACES} >= {"demo.yaml", "mr.yaml", "fixed.yaml"}
+def test_the_spaces_are_shipped() -> None:
+    names = {"demo", "mr", "fixed", "ablation", "mosei_mr", "mosei_fixed"}
+    assert {p.name for p in SPACES} >= {f"{n}.yaml" for n in names}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
@@ -100,6 +101,14 @@ def _with(path: str, value: Any) -> Any:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+
+    return edit
+
+
+def _edits(*edits: Any) -> Any:
+    def edit(raw: dict[str, Any]) -> None:
+        for one in edits:
+            one(raw)
 
     return edit
 
@@ -177,6 +186,70 @@ BAD = {
         _with("fixed/train/select_metric", "acc2"),
         ["fixed.train.select_metric", "valid_loss"],
     ),
+    "unknown variant key": (
+        _with("final/variants", {"zero": {"model.recovry": "zero"}}),
+        ["final.variants.zero.model.recovry", "unknown config key", "(got 'zero')"],
+    ),
+    "variant changes the protocol": (
+        _with("final/variants", {"half": {"protocol.mr": 0.5}}),
+        ["final.variants.half.protocol.mr", "a variant cannot change it", "(got 0.5)"],
+    ),
+    "variant changes the seed": (
+        _with("final/variants", {"s": {"seed": 3}}),
+        ["final.variants.s.seed", "final seeds", "(got 3)"],
+    ),
+    "variant changes the data": (
+        _with("final/variants", {"d": {"data.source": "synthetic:mosei"}}),
+        ["final.variants.d.data.source", "same data"],
+    ),
+    "variant changes the pretraining": (
+        _with("final/variants", {"big": {"train.batch_size": 64, "model.beta": 0.5}}),
+        ["final.variants.big.train.batch_size", "stage-(a) pretraining", "(got 64)"],
+    ),
+    "variant changes the encoders": (
+        _with("final/variants", {"wide": {"model.fusion.nlevels": 2}}),
+        ["final.variants.wide.model.fusion.nlevels", "stage-(a) pretraining"],
+    ),
+    "variant value that does not build": (
+        _with("final/variants", {"z": {"model.recovery": "zeros"}}),
+        ["final.variants.z (the fixed values, study mr0.3): model.recovery", "'zeros'"],
+    ),
+    "variant unbuildable at a searched point": (
+        _edits(
+            _with("fixed/model/score_net/width", 0.5),  # channels 32, 32, 64, 128
+            _with("final/variants", {"h": {"model.score_net.heads": 32}}),
+        ),
+        ["final.variants.h (space.model.score_net.width=0.25", "not divisible", "every point"],
+    ),
+    "variant named like the chosen configuration": (
+        _with("final/variants", {"IMDer": {"model.recovery": "zero"}}),
+        ["final.variants.IMDer", "the chosen configuration's name"],
+    ),
+    "variant named final": (
+        _with("final/variants", {"final": {"model.recovery": "zero"}}),
+        ["final.variants.final", "final runs"],
+    ),
+    "variant name unfit for a file": (
+        _with("final/variants", {"no dk": {"model.recovery": "diffusion"}}),
+        ["final.variants", "'no dk'", "file and run names"],
+    ),
+    "variant with no overrides": (
+        _with("final/variants", {"zero": {}}),
+        ["final.variants.zero", "no overrides (got {})"],
+    ),
+    "two variants with the same overrides": (
+        _with("final/variants", {"a": {"model.recovery": "zero"}, "b": {"model.recovery": "zero"}}),
+        ["final.variants.b", "same overrides as final.variants.a"],
+    ),
+    "variant that changes nothing": (
+        _with("final/variants", {"full": {"model.recovery": "diffusion+reconstruction"}}),
+        ["final.variants.full", "changes nothing"],
+    ),
+    "test MR out of range": (
+        _with("final/test_mr", [0.0, 0.75]),
+        ["final.test_mr.1", "outside [0, 2/3]", "(got 0.75)"],
+    ),
+    "test MR twice": (_with("final/test_mr", [0.5, 0.5]), ["final.test_mr", "distinct"]),
     "int step that does not divide": (
         _with("space/model.sampler.steps", {"int": [3, 10], "step": 2}),
         ["space.model.sampler.steps", "step 2"],
@@ -283,6 +356,100 @@ def test_pretrain_changing_keys_are_named(tmp_path: Path) -> None:
     assert pretrain_changing_keys(load_space(write_space(tmp_path, raw))) == ["train.lr"]
 
 
+@pytest.mark.parametrize("name", ["ablation", "mosei_mr", "mosei_fixed"])
+def test_the_ablation_and_mosei_spaces_plan(
+    name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    space = ROOT / "search_spaces" / f"{name}.yaml"
+    args = ["--space", str(space), "--dry-run", "--no-tracking", "--storage-path", str(tmp_path)]
+    assert tune_cli.main(args) == 0
+    out = capsys.readouterr().out
+    plan = make_plan(space, tracking=False)
+    cfg = plan.space.trial_config(plan.space.studies()[0], {})
+    if name == "ablation":
+        # Table 3 on MOSI: the chosen configuration and its three ablations, and mean-fill.
+        assert [s.label for s in plan.space.studies()] == [f"0.{i}" for i in range(8)]
+        assert [a for *_, a in comparisons.table3_arms(plan.to_json())] == [
+            "imder",
+            "no_dk",
+            "no_sk",
+            "zero",
+        ]
+        assert "mean   model.recovery='mean'" in out
+        assert "192 search trials + 200 final runs" in out
+    else:
+        # The MOSEI preset brings its dims and the release's MOSEI training settings.
+        assert cfg.preset == "reference_mosei" and tuple(cfg.model.dims) == (768, 74, 35)
+        assert (cfg.train.batch_size, cfg.train.grad_clip, cfg.train.plateau_patience) == (
+            128,
+            0.6,
+            5,
+        )
+        assert cfg.data.source == "synthetic:mosei"
+
+
+def test_smoke_keeps_one_variant_and_two_test_mrs(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "search_spaces" / "ablation.yaml").read_text())
+    raw["final"]["test_mr"] = [0.0, 0.3, 0.7]
+    plan = make_plan(write_space(tmp_path, raw), smoke=True, data="synthetic:mosi")
+    assert plan.space.variants == {"no_dk": {"model.recovery": "diffusion"}}
+    assert plan.space.test_mrs == (0.0, 0.3)
+    assert plan.to_json()["variants"] == plan.space.variants
+
+
+def test_resume_refuses_other_variants_or_test_mrs(tmp_path: Path) -> None:
+    from imder_sweep.sweep.plan import resume_mismatch
+
+    stored = json.loads(json.dumps(make_plan(DEMO, tracking=False).to_json()))
+    raw = demo_raw()
+    raw["final"]["variants"] = {"zero": {"model.recovery": "mean"}}  # same name, other config
+    raw["final"]["test_mr"] = [0.0]
+    assert resume_mismatch(make_plan(write_space(tmp_path, raw), tracking=False), stored) == [
+        "variants",
+        "test_mr",
+    ]
+
+
+def test_variants_share_seeds_masks_and_pretraining_with_the_chosen_configuration() -> None:
+    """The runtime path (final.arm_params, then TrialContext.config per seed) gives every arm
+    the same seed, byte-identical masks from the loop's split preparation, and the same
+    stage-(a) cache key; only the recovery differs."""
+    from imder_sweep.data import make_synthetic
+    from imder_sweep.model.config import RECOVERY_MODES
+    from imder_sweep.sweep.final import arm_params
+    from imder_sweep.sweep.trial import TrialContext
+    from imder_sweep.train.loop import prepare_splits, pretrain_key
+
+    plan = make_plan(ROOT / "search_spaces" / "ablation.yaml", tracking=False)
+    sp = plan.space
+    dataset = make_synthetic("mosi", scale=0.02)
+    chosen = {"model.beta": 0.3, "model.sde.sigma": 25.0, "model.sampler.solver": "ode_heun"}
+    chosen |= {"model.sampler.steps": 10, "model.score_net.width": 1.0}
+    params = arm_params(plan, chosen)
+    assert list(params) == ["imder", "no_dk", "no_sk", "zero", "mean"]
+    cpu = torch.device("cpu")
+    by_seed = {}
+    for study in (sp.studies()[3], sp.studies()[-1]):  # MR 0.3 and 2/3
+        ctx = TrialContext(
+            study.name, sp.trial_raw(study), sp.path, None, {}, None, "", sp.resources
+        )
+        for seed in sp.final_seeds[:2]:
+            configs = {arm: ctx.config(p, seed) for arm, p in params.items()}
+            assert {c.model.recovery for c in configs.values()} == set(RECOVERY_MODES)
+            assert {c.seed for c in configs.values()} == {seed}
+            assert len({pretrain_key(c, dataset.checksum) for c in configs.values()}) == 1
+            masks = {
+                arm: {
+                    s: d.masks.numpy().tobytes() for s, d in prepare_splits(dataset, c, cpu).items()
+                }
+                for arm, c in configs.items()
+            }
+            assert all(m == masks["imder"] for m in masks.values()), study.name
+            by_seed[study.name, seed] = masks["imder"]
+    # The masks do depend on the seed, so the comparison above could have failed.
+    assert by_seed["mr0.3", 0] != by_seed["mr0.3", 1]
+
+
 # --- search-side pieces ------------------------------------------------------------------------
 
 
@@ -340,15 +507,14 @@ def test_selection_is_on_the_best_validation_epoch() -> None:
 def test_epoch_reporter_tells_the_loops_own_stop() -> None:
     from imder_sweep.sweep.trial import EpochReporter
 
-    space = load_space(DEMO)
-    cfg = space.trial_config(space.studies()[0], {})  # 3 epochs, early_stop 10
     sent: list[dict[str, Any]] = []
-    rep = EpochReporter(cfg, lambda m, c: sent.append(m))
-    rep("pretrain", 1, {"best_valid_loss": 1.0}, None)  # stage (a) is not reported
-    for epoch, best in ((1, 1.0), (2, 0.9), (3, 0.9)):
-        rep("train", epoch, {"best_valid_loss": best}, None)
+    rep = EpochReporter(lambda m, c: sent.append(m))
+    rep("pretrain", 1, {"best_valid_loss": 1.0, "loop_done": 0.0}, None)  # stage (a): not sent
+    for epoch, done in ((1, 0.0), (2, 0.0), (3, 1.0)):  # the loop's own decision, per row
+        rep("train", epoch, {"best_valid_loss": 0.9, "loop_done": done}, None)
     assert [m["epoch"] for m in sent] == [1, 2, 3]
     assert [m["loop_done"] for m in sent] == [False, False, True]
+    assert all(m["world_size"] == 1 for m in sent)
 
 
 def test_data_parallel_shards_are_disjoint_and_equal() -> None:
@@ -365,11 +531,11 @@ def test_data_parallel_shards_are_disjoint_and_equal() -> None:
 def _plan(kind: str = "mr") -> dict[str, Any]:
     studies = (
         [
-            {"name": "mr0.3", "kind": "mr", "label": "0.3"},
-            {"name": "mr0.7", "kind": "mr", "label": "0.7"},
+            {"name": f"mr{mr}", "kind": "mr", "label": f"{mr}", "protocol": {"mr": mr}}
+            for mr in (0.3, 0.7)
         ]
         if kind == "mr"
-        else [{"name": "fixed-l", "kind": "subset", "label": "l"}]
+        else [{"name": "fixed-l", "kind": "subset", "label": "l", "protocol": {"mr": None}}]
     )
     return {
         "experiment": "t",
@@ -426,25 +592,31 @@ def test_table1_and_partial_results() -> None:
 
 
 def test_the_table_and_the_summary_figure_agree_on_mean_and_std() -> None:
-    """One rule over seeds for both: one seed is its mean alone (no spread, no error bar), two
+    """One rule over seeds for both: one seed is its mean alone (no spread, no band), two
     seeds a sample std (ddof=1)."""
-    from imder_sweep.tracking.figures import SummaryPoint, metrics_vs_mr_figure
+    from imder_sweep.tracking.figures import SummaryPoint, metric_vs_mr_figure
 
     plan = _plan()
+    plan["studies"].append({"name": "mr0.5", "kind": "mr", "label": "0.5", "protocol": {}})
     finals = {
         "mr0.3": {0: _final(0.80, 0.70, 0.30)},
+        "mr0.5": {0: _final(0.70, 0.60, 0.20), 1: _final(0.60, 0.60, 0.20)},
         "mr0.7": {0: _final(0.60, 0.50, 0.10), 1: _final(0.70, 0.60, 0.20)},
     }
     rows = tables.rows_from(plan, {}, finals)
-    assert [tables.cell(r, "acc2") for r in rows] == ["80.0", "65.0 ± 7.1"]
-    figure = metrics_vs_mr_figure(
-        [SummaryPoint("IMDer", float(r.label), r.test) for r in rows], "scores"
+    assert [tables.cell(r, "acc2") for r in rows] == ["80.0", "65.0 ± 7.1", "65.0 ± 7.1"]
+    figure = metric_vs_mr_figure(
+        [SummaryPoint("IMDer", float(r.label), r.test) for r in rows], "acc2", "scores"
     )
-    acc2 = figure.axes[0].containers[0]  # the one method's ErrorbarContainer
-    one_seed, two_seeds = acc2.lines[2][0].get_segments()  # per MR: [(x, low), (x, high)]
-    assert one_seed.size == 0
+    (ax,) = figure.axes
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [80.0, 65.0, 65.0])
+    # The band: one seed (MR 0.3) has none, so it spans MR 0.5 to 0.7 at mean ± std only.
+    band = ax.collections[0].get_paths()[0].vertices
     mean, std = rows[1].mean_std("acc2")
-    np.testing.assert_allclose(two_seeds[:, 1], [100 * (mean - std), 100 * (mean + std)])
+    assert band[:, 0].min() == pytest.approx(0.5)
+    np.testing.assert_allclose(
+        [band[:, 1].min(), band[:, 1].max()], [100 * (mean - std), 100 * (mean + std)]
+    )
 
 
 def test_report_rebuilds_from_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -470,8 +642,8 @@ def test_experiment_files_and_report_on_s3(
     exp.write_json("plan.json", _plan())
     exp.write_search("mr0.3", _search(0.1))
     exp.write_final("mr0.3", 1, _final(0.8, 0.7, 0.3))
-    searches, finals = exp.results()
-    assert set(searches) == {"mr0.3"} and set(finals["mr0.3"]) == {1}
+    results = exp.results()
+    assert set(results.searches) == {"mr0.3"} and set(results.chosen()["mr0.3"]) == {1}
     assert report.main([exp.root + "/"]) == 0
     assert "| 0.3 | 0.300 | 80.0 | 70.0 | 30.0 | 1/2 |" in capsys.readouterr().out
     assert exp.read_json("plan.json")["experiment"] == "t"
@@ -541,3 +713,46 @@ def test_metrics_are_flushed_before_a_report_tune_may_end_the_trial_on() -> None
         report("train", epoch, {}, None)
     flushed_before = [calls[i + 1][1] for i, c in enumerate(calls) if c[0] == "flush"]
     assert flushed_before == [1, 2, 4, 5]  # rungs and the last epoch; not epoch 3
+
+
+def test_warm_start_previous_and_a_resume_before_tunes_first_save(tmp_path: Path) -> None:
+    """Without Ray: with `search.warm_start: previous` mr0.7's study starts with mr0.3's
+    finished trials (COMPLETE and PRUNED, not FAIL), each once; `--resume` of a search Tune
+    never saved starts its Optuna study again, and the warm start is not added twice."""
+    from optuna.trial import TrialState
+
+    from imder_sweep.sweep import search
+    from imder_sweep.sweep.searcher import WARM_START_ATTR
+
+    raw = demo_raw()
+    raw["search"]["warm_start"] = "previous"
+    space = write_space(tmp_path, raw)
+    plan = make_plan(space, storage_path=str(tmp_path), experiment_name="warm", tracking=False)
+    first, second = plan.space.studies()
+    lines: list[str] = []
+    source = search.new_searcher(plan, first, lines.append)
+    assert lines == []  # the first study has nothing to start from
+    for trial_id, done in (("a", True), ("b", False), ("c", None)):
+        source.suggest(trial_id)
+        row = {"epoch": 1, "valid_loss": 0.5, "loop_done": done}
+        source.on_trial_complete(trial_id, None if done is None else row, error=done is None)
+    search.new_searcher(plan, second, lines.append).suggest("d")  # then the driver dies
+    search.discard_unsaved_study(plan, second, lines.append)
+    again = search.new_searcher(plan, second, lines.append)
+    assert [t.state for t in again.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert {t.user_attrs[WARM_START_ATTR] for t in again.study.trials} == {"warm/mr0.3"}
+    assert "2 finished trial(s) of mr0.3 carried over" in lines[0] and lines[0] == lines[2]
+    assert "3 trial(s) deleted" in lines[1]
+
+    again.suggest("e")
+    again.on_trial_complete("e", {"epoch": 1, "valid_loss": 0.4, "loop_done": False})
+    summary: dict[str, Any] = {"trials": [{"trial_id": "e"}]}
+    search.add_optuna_record(plan, second, summary)
+    assert summary["trials"] == [{"trial_id": "e", "optuna_state": "PRUNED"}]
+    assert summary["warm_start"] == {"from": ["mr0.3"], "trials": 2}
+    assert summary["optuna_study"] == "warm/mr0.7"
+    line = search.optuna_line(plan, second, summary)
+    assert "0 COMPLETE, 1 PRUNED, 0 FAIL; 2 carried over from mr0.3" in line
+    raw["search"]["warm_start"] = "none"
+    cold = make_plan(write_space(tmp_path, raw), storage_path=str(tmp_path), tracking=False)
+    assert search.earlier_studies(cold, second) == []

@@ -1,7 +1,8 @@
 """The demo sweep logs to a real `mlflow server`: run structure, params, histories, artifacts.
 
 Two servers (SQLite backend each): one keeps artifacts on local disk and gets the demo sweep
-under --smoke (2 studies, 2 trials, 2 final seeds); the other keeps them in a bucket of the moto
+under --smoke with one final seed (2 studies, 2 trials, a final and a zero-fill variant run
+each); the other keeps them in a bucket of the moto
 S3 server and gets the smallest sweep (1 study, 2 trials, 1 final seed). Plus: an unreachable
 --tracking-uri stops the sweep before it trains anything.
 """
@@ -23,7 +24,8 @@ from PIL import Image
 from servers import Server, free_port, mlflow_server
 
 from imder_sweep import tune as tune_cli
-from imder_sweep.sweep.experiment import ExperimentDir
+from imder_sweep.sweep.experiment import CHOSEN, ExperimentDir
+from imder_sweep.sweep.mlflow_runs import final_run_name
 from imder_sweep.sweep.plan import make_plan
 from imder_sweep.tracking import flatten_params
 
@@ -54,10 +56,20 @@ def smallest_space(tmp_path: Path) -> Path:
     return path
 
 
+def one_seed_demo(tmp_path: Path) -> Path:
+    """demo.yaml with one final seed: --smoke keeps its two studies and the zero-fill variant,
+    so each study has a final run and a variant run."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["final"]["seeds"] = 1
+    path = tmp_path / "one-seed.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("sweep")
-    space = DEMO if server.bucket is None else smallest_space(out)
+    space = one_seed_demo(out) if server.bucket is None else smallest_space(out)
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -118,9 +130,20 @@ def _png_ok(path: str) -> None:
         assert min(image.size) >= 200, (path, image.size)
 
 
+def _final_runs(exp: ExperimentDir) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Run name -> (study, arm, result) of every final run on disk, variants included."""
+    return {
+        final_run_name(study, seed, None if arm == CHOSEN else arm): (study, arm, result)
+        for study, arms in exp.results().finals.items()
+        for arm, seeds in arms.items()
+        for seed, result in seeds.items()
+    }
+
+
 def test_runs_nest_under_one_parent_per_study(sweep: dict) -> None:
     client, exp, by_kind = sweep["client"], sweep["exp"], sweep["by_kind"]
-    searches, finals = exp.results()
+    results = exp.results()
+    searches, finals = results.searches, results.chosen()
     parents = {r.info.run_name: r.info.run_id for r in by_kind["study"]}
     assert set(parents) == set(searches)  # one parent per study
     assert all(r.info.status == "FINISHED" for r in by_kind["study"])
@@ -151,7 +174,9 @@ def test_runs_nest_under_one_parent_per_study(sweep: dict) -> None:
         finals_logged = {
             r.info.run_name for r in by_kind["final"] if r.data.tags["imder.study"] == study
         }
-        assert finals_logged == {f"{study}-final-seed{s}" for s in finals[study]}
+        assert finals_logged == {n for n, (st, *_) in _final_runs(exp).items() if st == study}
+        variants = set(results.finals[study]) - {CHOSEN}
+        assert {f"{study}-{v}-seed{s}" for v in variants for s in finals[study]} <= finals_logged
     for run in by_kind["pretrain"]:
         # Pretraining epochs, logged as it trained, once each.
         history = client.get_metric_history(run.info.run_id, "pretrain/valid_loss")
@@ -162,7 +187,7 @@ def test_runs_nest_under_one_parent_per_study(sweep: dict) -> None:
 
 def test_search_trials_params_histories_and_artifacts(sweep: dict, tmp_path: Path) -> None:
     client, exp = sweep["client"], sweep["exp"]
-    searches, _ = exp.results()
+    searches = exp.results().searches
     for study, summary in searches.items():
         for trial in summary["trials"]:
             run = _run_named(sweep, f"{study}-trial-{trial['trial_id']}")
@@ -208,30 +233,33 @@ def _check_parquet(client: MlflowClient, run_id: str, split: str, tmp_path: Path
 
 def test_final_runs_hold_the_test_split_and_the_checkpoint(sweep: dict, tmp_path: Path) -> None:
     client, exp = sweep["client"], sweep["exp"]
-    _, finals = exp.results()
-    for study, seeds in finals.items():
-        for seed, result in seeds.items():
-            run = client.get_run(_run_named(sweep, f"{study}-final-seed{seed}").info.run_id)
-            assert run.data.params == flatten_params(result["config"])
-            history = client.get_metric_history(run.info.run_id, "valid_loss")
-            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
-                [row["valid_loss"] for row in result["history"]]
-            )
-            _no_metric_twice(client, run)
-            files = set(_artifacts(client, run.info.run_id))
-            assert files == {
-                "recovered/recovered_valid.parquet",
-                "recovered/recovered_test.parquet",
-                "consistency.json",
-                "metrics.json",
-                "checkpoint/best.pt",
-                "figures/tsne_recovered_vs_true_valid.png",
-                "figures/tsne_sentiment_valid.png",
-                "figures/tsne_recovered_vs_true_test.png",
-                "figures/tsne_sentiment_test.png",
-            }
-            for split in ("valid", "test"):
-                _check_parquet(client, run.info.run_id, split, tmp_path)
+    runs = _final_runs(exp)
+    if sweep["server"].bucket is None:  # the demo's zero-fill variant ran beside each seed
+        assert {arm for _, arm, _ in runs.values()} == {CHOSEN, "zero"}
+    for name, (_, arm, result) in runs.items():
+        run = client.get_run(_run_named(sweep, name).info.run_id)
+        # Params: the resolved config (a variant's override shows there); the tag: the arm.
+        assert run.data.params == flatten_params(result["config"])
+        assert run.data.tags["imder.variant"] == arm
+        history = client.get_metric_history(run.info.run_id, "valid_loss")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+            [row["valid_loss"] for row in result["history"]]
+        )
+        _no_metric_twice(client, run)
+        files = set(_artifacts(client, run.info.run_id))
+        assert files == {
+            "recovered/recovered_valid.parquet",
+            "recovered/recovered_test.parquet",
+            "consistency.json",
+            "metrics.json",
+            "checkpoint/best.pt",
+            "figures/tsne_recovered_vs_true_valid.png",
+            "figures/tsne_sentiment_valid.png",
+            "figures/tsne_recovered_vs_true_test.png",
+            "figures/tsne_sentiment_test.png",
+        }
+        for split in ("valid", "test"):
+            _check_parquet(client, run.info.run_id, split, tmp_path)
 
 
 def test_study_and_summary_runs(sweep: dict, tmp_path: Path) -> None:
@@ -243,8 +271,15 @@ def test_study_and_summary_runs(sweep: dict, tmp_path: Path) -> None:
             _png_ok(client.download_artifacts(parent.info.run_id, png, str(tmp_path)))
     (summary_run,) = by_kind["summary"]
     files = set(_artifacts(client, summary_run.info.run_id))
-    assert files == {"tables/table.csv", "tables/table.md", "figures/metrics_vs_mr.png"}
-    for name in ("table.md", "table.csv"):
+    # The experiment's report, tables under tables/ and figures under figures/, and the overview.
+    root = Path(exp.root)
+    written = {p.relative_to(root).as_posix() for p in root.glob("*.csv")} | {"table.md"}
+    pictures = {p.relative_to(root).as_posix() for p in (root / "figures").glob("*.png")}
+    assert {"figures/acc2_vs_mr.png", "figures/mae_vs_mr.png"} <= pictures
+    if sweep["server"].bucket is None:
+        assert {"differences.csv", "table3.csv", "auilc.csv"} <= written
+    assert files == {f"tables/{n}" for n in written} | pictures | {"figures/metrics_vs_mr.png"}
+    for name in written:
         got = client.download_artifacts(summary_run.info.run_id, f"tables/{name}", str(tmp_path))
         assert Path(got).read_text() == Path(exp.path(name)).read_text()
     _png_ok(

@@ -47,12 +47,13 @@ def ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def small_demo_space(tmp_path: Path, epochs: int = 3, **edits: Any) -> Path:
-    """demo.yaml, smaller: the same two studies and search, less data and one seed fewer."""
+    """demo.yaml, smaller: the same two studies, search and variant, less data and one seed
+    fewer."""
     raw = yaml.safe_load(DEMO.read_text())
     raw["fixed"]["data"]["source"] = "synthetic:mosi?scale=0.05"
     raw["fixed"]["train"]["pretrain_epochs"] = 1
     raw["fixed"]["train"]["epochs"] = epochs
-    raw["final"] = {"seeds": 2}
+    raw["final"]["seeds"] = 2
     for key, value in edits.items():
         raw[key] = value
     path = tmp_path / "space.yaml"
@@ -71,7 +72,9 @@ def test_demo_end_to_end_on_embedded_ray(
     # is stopped, which (seeded, deterministic data) happens to several here.
     space = small_demo_space(tmp_path, epochs=2)
     args = ["--space", str(space), "--storage-path", str(tmp_path), "--experiment-name", "demo"]
-    assert tune_cli.main(args) == 0
+    # MLflow is test_sweep_mlflow's: without it, the zero-fill variant's four runs cost less
+    # than the t-SNE pictures every trial and final run would log.
+    assert tune_cli.main([*args, "--no-tracking"]) == 0
     printed = capsys.readouterr().out
     exp = tmp_path / "demo"
     plan = json.loads((exp / "plan.json").read_text())
@@ -115,7 +118,9 @@ def test_demo_end_to_end_on_embedded_ray(
             assert set(final["test"]) >= {"acc2", "f1", "acc7"}
             assert (exp / "final" / study / f"seed{seed}" / "best.pt").exists()
     assert stopped >= 1
-    assert sum(1 for _ in (exp / "pretrain-cache").iterdir()) == 2  # seeds 0 and 1, once each
+    # seeds 0 and 1, once each: the zero-fill variant reused the chosen configuration's
+    assert sum(1 for _ in (exp / "pretrain-cache").iterdir()) == 2
+    _check_variants(exp, plan)
 
     rows = {r["study"]: r for r in csv.DictReader((exp / "table.csv").open())}
     assert set(rows) == {"mr0.3", "mr0.7", "average"}
@@ -133,6 +138,39 @@ def test_demo_end_to_end_on_embedded_ray(
     (exp / "results" / "mr0.7.final-seed1.json").unlink()
     assert report.main([str(exp)]) == 0
     assert "| 1/2 |" in capsys.readouterr().out
+
+
+def _check_variants(exp: Path, plan: dict[str, Any]) -> None:
+    """The zero-fill variant ran beside every final seed, paired with the chosen configuration:
+    the same seed, masks (realised MR) and pretraining; only the recovery differs. The report
+    has its comparisons."""
+    assert plan["variants"] == {"zero": {"model.recovery": "zero"}}
+    for study in ("mr0.3", "mr0.7"):
+        tested_at: dict[str, set[float]] = {f"{mr:g}": set() for mr in plan["test_mr"]}
+        for seed in (0, 1):
+            chosen = json.loads((exp / "results" / f"{study}.final-seed{seed}.json").read_text())
+            zero = json.loads((exp / "results" / f"{study}.zero.final-seed{seed}.json").read_text())
+            assert zero["config"]["model"].pop("recovery") == "zero"
+            chosen["config"]["model"].pop("recovery")
+            assert zero["config"] == chosen["config"]
+            assert zero["realised_mr"] == chosen["realised_mr"]
+            assert zero["pretrain"]["key"] == chosen["pretrain"]["key"]
+            assert zero["pretrain"]["reused"] is True
+            assert (exp / "final" / study / "zero" / f"seed{seed}" / "best.pt").exists()
+            for key, realised in tested_at.items():
+                assert set(zero["robustness"][key]) >= {"acc2", "f1", "acc7", "mae"}
+                realised |= {r["robustness"][key]["realised_mr"] for r in (chosen, zero)}
+        # One robustness seed per study: every model saw the same masks at each test MR.
+        assert all(len(realised) == 1 for realised in tested_at.values()), tested_at
+    diffs = {
+        (r["study"], r["variant"]): r for r in csv.DictReader((exp / "differences.csv").open())
+    }
+    assert set(diffs) == {("mr0.3", "zero"), ("mr0.7", "zero"), ("average", "zero")}
+    assert all(r["n_seeds"] == "2" and r["acc2_low"] and r["acc2_p"] for r in diffs.values())
+    assert "## IMDer minus each variant" in (exp / "table.md").read_text()
+    assert "## Robustness" in (exp / "table.md").read_text()
+    for name in ("acc2_vs_mr", "mae_vs_mr", "robustness_acc2"):
+        assert (exp / "figures" / f"{name}.png").stat().st_size > 10_000
 
 
 def test_two_worker_torch_trainer_trial(tmp_path: Path, ray_env: None) -> None:
@@ -250,10 +288,11 @@ def test_ray_job_submit_runs_the_demo(
     assert "studies      2: mr0.3 mr0.7" in dry.stdout
 
     storage = tmp_path / "results"
+    # No MLflow (test_sweep_mlflow's): its pictures would cost more than the variant's runs.
     job = subprocess.run(
         [*submit, "--working-dir", ".", "--", "python", "-m", "imder_sweep.tune", "--space",
          "search_spaces/demo.yaml", "--smoke", "--storage-path", str(storage),
-         "--experiment-name", "job"],
+         "--experiment-name", "job", "--no-tracking"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     logs = job.stdout + job.stderr
@@ -263,12 +302,14 @@ def test_ray_job_submit_runs_the_demo(
     assert "[mr0.3] trials 2/2 done" in logs  # progress reaches the job's logs
     exp = ExperimentDir(str(storage / "job"))
     assert "| Average |" in (storage / "job" / "table.md").read_text()
-    searches, finals = exp.results()
-    assert set(searches) == {"mr0.3", "mr0.7"}
-    assert {study: sorted(runs) for study, runs in finals.items()} == {
-        "mr0.3": [0, 1],
-        "mr0.7": [0, 1],
-    }
+    results = exp.results()
+    assert set(results.searches) == {"mr0.3", "mr0.7"}
+    # The shipped demo's zero-fill variant ran beside each final seed.
+    assert {
+        (study, arm): sorted(seeds)
+        for study, arms in results.finals.items()
+        for arm, seeds in arms.items()
+    } == {(study, arm): [0, 1] for study in ("mr0.3", "mr0.7") for arm in ("imder", "zero")}
 
 
 def test_quarter_gpu_trials_share_one_gpu(tmp_path: Path, ray_env: None) -> None:
@@ -282,6 +323,7 @@ def test_quarter_gpu_trials_share_one_gpu(tmp_path: Path, ray_env: None) -> None
         space = small_demo_space(
             tmp_path,
             epochs=4,
+            final={"seeds": 2},  # no variant: this test is about trials sharing a GPU
             studies={"mr": [0.3]},
             search={
                 "algorithm": "tpe",

@@ -21,9 +21,9 @@ import ray
 
 from imder_sweep.data import MultimodalDataset, load_dataset, storage
 from imder_sweep.data.cache import NodeCachedDataset
-from imder_sweep.sweep import tables
-from imder_sweep.sweep.experiment import PLAN, ExperimentDir
-from imder_sweep.sweep.final import final_evaluation
+from imder_sweep.sweep import comparisons, outputs, tables
+from imder_sweep.sweep.experiment import CHOSEN, PLAN, TABLE_CSV, TABLE_MD, Results
+from imder_sweep.sweep.final import Finals, final_evaluation
 from imder_sweep.sweep.mlflow_runs import (
     SweepTracking,
     log_pretraining,
@@ -43,7 +43,6 @@ from imder_sweep.sweep.trial import (
 )
 from imder_sweep.tracking import (
     MlflowReporter,
-    SummaryPoint,
     Tracker,
     check_reachable,
     refuse_local_store_for_multinode,
@@ -200,22 +199,19 @@ def study_line(study: Study, summary: dict[str, Any], finals: dict[int, dict[str
     )
 
 
-def log_summary(tracker: Tracker, experiment_id: str, exp: ExperimentDir) -> None:
-    """The experiment's summary run: the tables and Acc2/F1/Acc7 against MR."""
-    plan_json = exp.read_json(PLAN)
-    searches, finals = exp.results()
-    rows = tables.rows_from(plan_json, searches, finals)
-    points = [
-        SummaryPoint("IMDer", float(row.label), row.test)
-        for row in rows
-        if row.kind == "mr" and row.test
-    ]
-    md, table_csv = tables.build(exp)
+def log_summary(tracker: Tracker, experiment_id: str, report: outputs.Report) -> None:
+    """The experiment's summary run: the report's tables, figures and Acc2/F1/Acc7 against
+    MR."""
     with tempfile.TemporaryDirectory(prefix="imder-summary-") as tmp:
-        md_path, csv_path = Path(tmp) / tables.TABLE_MD, Path(tmp) / tables.TABLE_CSV
-        md_path.write_text(md)
-        csv_path.write_text(table_csv)
-        tracker.log_summary_run(experiment_id, csv_path, md_path, points)
+        paths = {}
+        for name, data in report.files.items():
+            paths[name] = Path(tmp) / name
+            paths[name].parent.mkdir(parents=True, exist_ok=True)
+            paths[name].write_bytes(data)
+        extra = [path for name, path in paths.items() if name not in (TABLE_MD, TABLE_CSV)]
+        tracker.log_summary_run(
+            experiment_id, paths[TABLE_CSV], paths[TABLE_MD], report.points, extra=extra
+        )
 
 
 def load_data(plan: Plan, out: Out) -> tuple[MultimodalDataset, NodeCachedDataset | None]:
@@ -289,6 +285,8 @@ def study_context(
         resources=sp.resources,
         tracking=tracking,
         max_failures=sp.search.max_failures,
+        test_mrs=sp.test_mrs,
+        robustness_seed=sp.search_seed,  # one seed: the same test masks per MR for every model
     )
 
 
@@ -300,11 +298,12 @@ def run_study(
     *,
     resume: bool = False,
     summary: dict[str, Any] | None = None,
-    done: dict[int, dict[str, Any]] | None = None,
-) -> dict[int, dict[str, Any]]:
-    """One study: its search (unless `summary`, a search finished before), the final seeds
-    (those in `done` kept), the tables rewritten. The study's parent run ends FINISHED, or
-    FAILED when the study raises or is interrupted, never left RUNNING."""
+    done: Finals | None = None,
+) -> Finals:
+    """One study: its search (unless `summary`, a search finished before), the final runs of
+    the chosen configuration and its variants (those in `done` kept), the tables rewritten.
+    The study's parent run ends FINISHED, or FAILED when the study raises or is interrupted,
+    never left RUNNING."""
     tracking = ctx.tracking
     try:
         if summary is not None:
@@ -312,7 +311,7 @@ def run_study(
         else:
             summary = search_study(plan, study, ctx, out, resume=resume)
             plan.experiment_dir.write_search(study.name, summary)
-        finals: dict[int, dict[str, Any]] = {}
+        finals: Finals = {}
         if summary["best"] is not None:
             finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out, done)
     except BaseException:
@@ -320,10 +319,12 @@ def run_study(
             with contextlib.suppress(Exception):  # the original error matters more
                 tracking.tracker.close_run(tracking.parent_run_id, "FAILED")
         raise
-    tables.write(plan.experiment_dir)
+    outputs.write(plan.experiment_dir)
     if tracking is not None:
         tracking.tracker.close_run(tracking.parent_run_id, "FINISHED")
-    out(study_line(study, summary, finals))
+    out(study_line(study, summary, finals.get(CHOSEN, {})))
+    if finals:
+        out(comparisons.health_line(study.name, finals[CHOSEN]))
     return finals
 
 
@@ -344,7 +345,7 @@ def run(plan: Plan, address: str | None, out: Out = emit, *, resume: bool = Fals
         check_schedulable(plan, embedded=embedded, out=out)
         if not resume:
             exp.write_json(PLAN, plan.to_json())
-        searches, done = exp.results() if resume else ({}, {})
+        earlier = exp.results() if resume else Results()
         out(f"experiment: {exp.root}{' (resumed)' if resume else ''}")
         data = cached or ray.put(dataset)
         pretrain, tracking = pretrain_all(plan, dataset, data, out, tracking)
@@ -357,15 +358,16 @@ def run(plan: Plan, address: str | None, out: Out = emit, *, resume: bool = Fals
                 ctx,
                 out,
                 resume=resume,
-                summary=searches.get(study.name),
-                done=done.get(study.name),
+                summary=earlier.searches.get(study.name),
+                done=earlier.finals.get(study.name),
             )
-            ok = ok and bool(finals)
+            ok = ok and bool(finals.get(CHOSEN))
         out("")
-        out(tables.write(exp))
+        report = outputs.write(exp, figures=True)
+        out(report.markdown)
         if tracking is not None:
-            log_summary(tracking.tracker, tracking.experiment_id, exp)
-        out(f"wrote {exp.path(tables.TABLE_MD)} and {exp.path(tables.TABLE_CSV)}")
+            log_summary(tracking.tracker, tracking.experiment_id, report)
+        out(f"wrote {exp.path(TABLE_MD)}, {exp.path(TABLE_CSV)} and {len(report.files) - 2} more")
         out(f"sweep wall time {time.perf_counter() - t_start:.0f} s")
         return 0 if ok else 1
     finally:

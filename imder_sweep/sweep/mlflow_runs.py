@@ -1,13 +1,14 @@
 """The sweep's MLflow runs: where each trial, final run, study and pretraining run is logged.
 
 One experiment per sweep; one parent run per study; one child run per search trial
-(`<study>-trial-<trial id>`) and per final seed (`<study>-final-seed<k>`), nested by the
-`mlflow.parentRunId` tag; one run per pretraining checkpoint, referenced by the trials that reuse
-it. Per-epoch metrics are logged from inside the trial (rank 0 only) before Tune sees them, and
-flushed before every report after which Tune may end the trial (ASHA rungs, max_t, the loop's
-last epoch). A search trial's run is closed by a driver-side Tune callback as soon as Tune ends
-the trial (ASHA stops end the process before it could); its artifacts come from its best
-checkpoint after the search, so ASHA-stopped trials get theirs too.
+(`<study>-trial-<trial id>`), per final seed (`<study>-final-seed<k>`) and per variant and seed
+(`<study>-<variant>-seed<k>`, tag `imder.variant`), nested by the `mlflow.parentRunId` tag;
+one run per pretraining checkpoint, referenced by the trials that reuse it. Per-epoch metrics
+are logged from inside the trial (rank 0 only) before Tune sees them, and flushed before every
+report after which Tune may end the trial (ASHA rungs, max_t, the loop's last epoch). A search
+trial's run is closed by a driver-side Tune callback as soon as Tune ends the trial (ASHA stops
+end the process before it could); its artifacts come from its best checkpoint after the search,
+so ASHA-stopped trials get theirs too.
 """
 
 from __future__ import annotations
@@ -49,11 +50,21 @@ class SweepTracking:
         return Tracker(self.uri)
 
     def start_run(
-        self, cfg: TrialConfig, study: str, run_name: str, *, kind: str, trial_id: str | None = None
+        self,
+        cfg: TrialConfig,
+        study: str,
+        run_name: str,
+        *,
+        kind: str,
+        trial_id: str | None = None,
+        variant: str | None = None,
     ) -> str:
-        """Get or create the child run of one trial or final seed, with params and tags."""
+        """Get or create the child run of one trial or final seed, with params and tags; a
+        final run's `variant` tag names its arm (CHOSEN or the variant)."""
         config = cfg.model_dump(mode="json")
         labels = trial_tags(config, study=study, trial_id=trial_id, kind=kind)
+        if variant is not None:
+            labels[tags.VARIANT] = variant
         pretrain = dict(self.pretrain_runs).get(cfg.seed)
         if pretrain:
             labels[tags.PRETRAIN_RUN_ID] = pretrain
@@ -68,8 +79,10 @@ def trial_run_name(study: str, trial_id: str) -> str:
     return f"{study}-trial-{trial_id}"
 
 
-def final_run_name(study: str, seed: int) -> str:
-    return f"{study}-final-seed{seed}"
+def final_run_name(study: str, seed: int, variant: str | None = None) -> str:
+    """A final run's name (and its Ray task's and Train run's): `variant` None is the chosen
+    configuration (no variant may be called "final": space.RESERVED_VARIANTS)."""
+    return f"{study}-{variant or 'final'}-seed{seed}"
 
 
 def stop_epochs(max_t: int, grace_period: int | None, reduction_factor: float | None) -> set[int]:

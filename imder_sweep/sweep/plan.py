@@ -22,7 +22,15 @@ from imder_sweep.train.config import ConfigError, load_yaml
 from imder_sweep.train.loop import pretrain_key
 from imder_sweep.util import deep_merge
 
-SMOKE = {"epochs": 2, "pretrain_epochs": 1, "num_samples": 2, "seeds": 2, "studies": 2}
+SMOKE = {
+    "epochs": 2,
+    "pretrain_epochs": 1,
+    "num_samples": 2,
+    "seeds": 2,
+    "studies": 2,
+    "variants": 1,  # the first variant only: the comparison path runs, at a fraction of the cost
+    "test_mr": 2,
+}
 SMOKE_SCALE = 0.05  # synthetic data scale under --smoke
 TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "databricks")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -74,13 +82,28 @@ class Plan:
             "max_t": sp.max_t,
             "resources": {**sp.resources.model_dump(), "launcher": sp.resources.launcher},
             "final_seeds": sp.final_seeds,
+            "variants": sp.variants,
+            "test_mr": list(sp.test_mrs),
             "search_seed": sp.search_seed,
         }
 
 
 # What must be the same for `--resume` to continue an experiment (not its creation time, the
 # spelling of the space file's path or where MLflow is).
-RESUME_KEYS = ("smoke", "data", "studies", "space", "fixed", "search", "resources", "final_seeds")
+# A variant changed under its name would mix results of two configurations, so the variants
+# and test MRs must be the same too.
+RESUME_KEYS = (
+    "smoke",
+    "data",
+    "studies",
+    "space",
+    "fixed",
+    "search",
+    "resources",
+    "final_seeds",
+    "variants",
+    "test_mr",
+)
 
 
 def resume_mismatch(plan: Plan, stored: dict[str, Any]) -> list[str]:
@@ -99,13 +122,14 @@ def _shrink_source(source: str) -> str:
 
 
 def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
-    """The same sweep, small: fewer studies, trials, epochs, seeds; less synthetic data."""
+    """The same sweep, small: fewer studies, trials, epochs, seeds, variants and test MRs;
+    less synthetic data."""
     first = space.trial_config(space.studies()[0], {})
     studies = space.studies()
     keep = {studies[0].name, studies[-1].name} if len(studies) > 1 else {studies[0].name}
     search = raw.get("search") or {}
     asha = search.get("asha", {})
-    return deep_merge(
+    shrunk = deep_merge(
         raw,
         {
             "fixed": {
@@ -124,9 +148,15 @@ def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
                 "max_concurrent": min(space.search.max_concurrent, SMOKE["num_samples"]),
                 "asha": None if asha is None else {"grace_period": 1, "max_t": None},
             },
-            "final": {"seeds": space.final_seeds[: SMOKE["seeds"]]},
         },
     )
+    # Replaced whole: a merge would keep every variant.
+    shrunk["final"] = {
+        "seeds": space.final_seeds[: SMOKE["seeds"]],
+        "variants": dict(list(space.variants.items())[: SMOKE["variants"]]),
+        "test_mr": list(space.test_mrs[: SMOKE["test_mr"]]),
+    }
+    return shrunk
 
 
 def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> str:
@@ -250,7 +280,7 @@ def describe(plan: Plan) -> str:
         else f"Ray Train TorchTrainer, DDP over {r.workers} worker(s)"
     )
     width = max(len(k) for k in sp.keys)
-    n_final = len(studies) * len(sp.final_seeds)
+    n_final = len(studies) * len(sp.final_seeds) * (1 + len(sp.variants))
     changing = pretrain_changing_keys(sp)
     shared = (
         "shared by every trial and final run of a seed"
@@ -275,9 +305,29 @@ def describe(plan: Plan) -> str:
         f"{launcher}",
         f"pretraining  stage (a) for seeds {plan.pretrain_seeds}, {shared}",
         f"final        best config per study retrained and tested over seeds {sp.final_seeds}",
+        *_comparison_lines(sp),
         f"total        {len(studies) * s.num_samples} search trials + {n_final} final runs",
     ]
     return "\n".join(lines)
+
+
+def _comparison_lines(space: Space) -> list[str]:
+    """The variants and the test MRs, in words (nothing when the space names none)."""
+    lines = []
+    if space.variants:
+        width = max(len(name) for name in space.variants)
+        lines.append(
+            "variants     of the best config, each on the same seeds, masks and pretraining "
+            "(paired):"
+        )
+        lines += [
+            f"  {name:<{width}}  " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+            for name, overrides in space.variants.items()
+        ]
+    if space.test_mrs:
+        mrs = ", ".join(f"{mr:g}" for mr in space.test_mrs)
+        lines.append(f"robustness   every final model also tested at MR {mrs} (no retraining)")
+    return lines
 
 
 def pretrain_changing_keys(space: Space) -> list[str]:

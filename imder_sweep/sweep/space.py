@@ -21,20 +21,28 @@ A space file is YAML with these sections, all validated here, before Ray starts:
     search: {algorithm: tpe, seed: 0, num_samples: 24, max_concurrent: 2,
              asha: {grace_period: 3, reduction_factor: 2}, metric: valid_loss, mode: min}
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}
-    final: {seeds: 5}
+    final:
+      seeds: 5
+      variants:                       # the chosen configuration with dotted overrides
+        no_dk: {model.recovery: diffusion}
+        zero: {model.recovery: zero}
+      test_mr: [0.0, 0.3, 0.7]        # every final model also tested at these MRs
 
 The distributions are in `imder_sweep.sweep.distributions`. Every point a distribution can
 produce is probed (choices, ints and both ends plus interior points of float ranges) by building
 the trial config it would give, so a value that cannot be built (a UNet width whose channels the
 attention heads do not divide, say) fails here with the file, key and value, not in the middle
-of a sweep.
+of a sweep. A variant is probed the same way, at every one of those points: it must build, and
+it must leave what a paired comparison keeps fixed (data, masks, stage-(a) pretraining) as the
+chosen configuration has it (`paired_fixed`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,6 +60,7 @@ from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
 from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
 from imder_sweep.sweep.distributions import Distribution, Strict
+from imder_sweep.sweep.experiment import CHOSEN
 from imder_sweep.train.config import (
     ConfigError,
     TrialConfig,
@@ -59,6 +68,7 @@ from imder_sweep.train.config import (
     load_yaml,
     resolve_trial_config,
 )
+from imder_sweep.train.loop import pretrain_key
 from imder_sweep.util import deep_merge, nest
 
 # Keys a space may not search: the studies, the data and the search itself decide them.
@@ -70,6 +80,27 @@ RESERVED_KEYS: dict[str, str] = {
     "train.select_metric": "search.metric decides it",
     "train.select_mode": "search.mode decides it",
     "train.device": "resources decide the device",
+}
+# Keys a variant may not override: what a paired comparison of a variant with the chosen
+# configuration keeps fixed. `paired_fixed` catches the indirect ones (the batch size, the
+# encoders: anything the stage-(a) cache key or the masks depend on).
+PAIRED_KEYS: dict[str, str] = {
+    "seed": "every variant runs on the final seeds of the chosen configuration (final.seeds)",
+    "protocol": "the study sets the protocol, and with it the masks every variant shares",
+    "data": "every variant is trained and tested on the same data",
+    "preset": "the preset sets the data's dims and the training defaults (and so the pretraining)",
+    "train.select_metric": "every variant picks its best epoch as the search does (search.metric)",
+    "train.select_mode": "every variant picks its best epoch as the search does (search.metric)",
+    "train.device": "resources decide the device",
+}
+RESERVED_VARIANTS: dict[str, str] = {
+    CHOSEN: "is the chosen configuration's name in the tables",
+    "final": "would give its runs the names of the chosen configuration's final runs",
+}
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # goes into file, directory, run names
+_REFUSED = {  # check_key's words: (a reserved key, a section given for a key)
+    "search": ("cannot be searched", "search one of its keys"),
+    "variant": ("a variant cannot change it", "override one of its keys"),
 }
 # Validation metrics a search may select on: the loop's valid loss (L1) and every metric.
 SELECTABLE_METRICS: tuple[str, ...] = ("loss", *METRIC_NAMES)
@@ -129,6 +160,10 @@ class Search(Strict):
     mode: Literal["min", "max"] | None = None  # default: min for loss and mae, else max
     # A trial whose process or node dies is restarted from its last checkpoint this many times.
     max_failures: int = Field(2, ge=0)
+    # previous: each study's sampler starts with the finished trials of the studies searched
+    # before it in this experiment (all share this file's space), e.g. MR 0.3's for MR 0.4's.
+    # The first study has none to start with, so a one-study file is accepted as it is.
+    warm_start: Literal["none", "previous"] = "none"
 
     @field_validator("metric")
     @classmethod
@@ -194,9 +229,14 @@ class Resources(Strict):
 
 
 class Final(Strict):
-    """The final evaluation: the best configuration retrained over these seeds, tested once."""
+    """The final evaluation: the best configuration retrained over these seeds, tested once;
+    each variant (dotted overrides of the best configuration) on the same seeds; every final
+    model also tested at each `test_mr` (no retraining). What the variants may change is
+    checked in `validate_space`."""
 
     seeds: list[int] = Field(default_factory=lambda: list(range(5)))
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    test_mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -213,6 +253,13 @@ class Final(Strict):
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
         return seeds
+
+    @field_validator("test_mr")
+    @classmethod
+    def _distinct_mrs(cls, mrs: list[float]) -> list[float]:
+        if len(set(mrs)) != len(mrs):
+            raise ValueError("test missing rates must be distinct")
+        return mrs
 
 
 class SpaceFile(Strict):
@@ -264,6 +311,15 @@ class Space:
     @property
     def final_seeds(self) -> list[int]:
         return self.file.final.seeds
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Variant name -> its dotted overrides of the chosen configuration, in file order."""
+        return self.file.final.variants
+
+    @property
+    def test_mrs(self) -> tuple[float, ...]:
+        return tuple(self.file.final.test_mr)
 
     @property
     def keys(self) -> list[str]:
@@ -323,11 +379,13 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def check_key(key: str) -> str | None:
-    """Why `key` cannot be searched (None if it can): reserved, or not a trial config field."""
-    for reserved, why in RESERVED_KEYS.items():
+def check_key(key: str, purpose: Literal["search", "variant"] = "search") -> str | None:
+    """Why `key` cannot be searched (or, for `purpose` "variant", overridden by a variant);
+    None if it can: reserved for that purpose, or not a trial config field."""
+    refused, section = _REFUSED[purpose]
+    for reserved, why in (RESERVED_KEYS if purpose == "search" else PAIRED_KEYS).items():
         if key == reserved or key.startswith(reserved + "."):
-            return f"cannot be searched: {why}"
+            return f"{refused}: {why}"
     node: type[BaseModel] = TrialConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -341,7 +399,7 @@ def check_key(key: str) -> str | None:
                 return f"{'.'.join(parts[: i + 1])} is a value, not a section"
             node = sub
         elif sub is not None:
-            return f"is a section; search one of its keys: {', '.join(_field_names(sub))}"
+            return f"is a section; {section}: {', '.join(_field_names(sub))}"
     return None
 
 
@@ -401,10 +459,122 @@ def _section_problems(file: SpaceFile, origin: str) -> list[str]:
     return problems
 
 
+def _variant_problems(file: SpaceFile, origin: str) -> list[str]:
+    """Every problem of the variants' names and keys, one line each: a reserved name, no
+    overrides, the overrides of another variant, a key that is unknown or kept fixed."""
+    problems = []
+    first: dict[str, str] = {}  # the overrides, spelt out -> the variant that gave them first
+    for name, overrides in file.final.variants.items():
+        where = f"{origin}: final.variants.{name}"
+        if not VARIANT_NAME.match(name):
+            problems.append(
+                f"{origin}: final.variants: the name {name!r} goes into file and run names: use "
+                "letters, digits, '_' and '-', starting with a letter"
+            )
+        if name.lower() in RESERVED_VARIANTS:
+            why = RESERVED_VARIANTS[name.lower()]
+            problems.append(f"{where}: the name {name!r} {why}; call the variant something else")
+        if not overrides:
+            problems.append(
+                f"{where}: no overrides (got {{}}); a variant is the chosen configuration with "
+                "at least one dotted key changed, e.g. {model.recovery: zero}"
+            )
+            continue
+        for key, value in overrides.items():
+            if (why := check_key(key, "variant")) is not None:
+                problems.append(f"{where}.{key}: {why} (got {value!r})")
+        spelt = _shown_overrides(overrides)
+        if first.setdefault(spelt, name) != name:
+            problems.append(
+                f"{where}: the same overrides as final.variants.{first[spelt]} ({spelt}); "
+                "a comparison needs each variant once"
+            )
+    return problems
+
+
+def _shown_overrides(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items()))
+
+
+def paired_fixed(cfg: TrialConfig) -> dict[str, Any]:
+    """What a variant shares with the chosen configuration, so that they are compared seed by
+    seed on the same missing data: the data, what the masks depend on (`protocols.split_masks`:
+    protocol, MR or subset, seed, and the batch size under the reference-schedule protocol
+    only) and the stage-(a) cache key (which leaves out `model.recovery`, so every Table 3
+    ablation and baseline reuses the chosen configuration's pretraining)."""
+    masks: dict[str, Any] = {**cfg.protocol.masks_args(), "seed": cfg.seed}
+    if cfg.protocol.kind == "reference-schedule":
+        masks["batch_size"] = cfg.train.batch_size
+    return {"data": cfg.data.model_dump(), "masks": masks, "pretraining": pretrain_key(cfg, "")}
+
+
+_PAIRED_WORDS = {
+    "data": "the data",
+    "masks": "the missing-modality masks (protocol, MR or subset, seed; the batch size under "
+    "the reference-schedule protocol)",
+    "pretraining": "the stage-(a) pretraining (its cache key: data, seed, encoder and fusion "
+    "config, pretraining epochs and optimisation, batch size)",
+}
+
+
+_PAIRED_WHY = (
+    "every variant shares it with the chosen configuration, so that each comparison is paired "
+    "seed by seed"
+)
+
+
+def _unpaired(
+    space: Space,
+    study: Study,
+    point: dict[str, Any],
+    base: TrialConfig,
+    cfg: TrialConfig,
+    overrides: Mapping[str, Any],
+) -> str | None:
+    """`KEY: changes WHAT (got VALUE)` if the variant `cfg` of `base` changes a part of
+    `paired_fixed`, naming the first override that changes it alone (else the first one)."""
+    want, got = paired_fixed(base), paired_fixed(cfg)
+    part = next((k for k in want if want[k] != got[k]), None)
+    if part is None:
+        return None
+    culprits = [
+        key
+        for key, value in overrides.items()
+        if paired_fixed(space.trial_config(study, {**point, key: value}))[part] != want[part]
+    ]
+    key = (culprits or list(overrides))[0]
+    return f"{key}: changes {_PAIRED_WORDS[part]} (got {overrides[key]!r})"
+
+
+def _probe_variants(space: Space, bases: list[tuple[Study, dict[str, Any], TrialConfig]]) -> None:
+    """Each variant at every probed point of the space (`bases`: study, searched values and
+    the trial config they give): it must build, keep `paired_fixed`, and change something."""
+    for name, overrides in space.variants.items():
+        where = f"{space.path}: final.variants.{name}"
+        changes = False
+        for study, point, base in bases:
+            at = f"{_shown(point) or 'the fixed values'}, study {study.name}"
+            try:
+                cfg = space.trial_config(study, {**point, **overrides}, origin=f"{where} ({at})")
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc}\n{where}: a variant must give a buildable trial config at every "
+                    "point the space can produce"
+                ) from None
+            if problem := _unpaired(space, study, point, base, cfg, overrides):
+                raise ConfigError(f"{where}.{problem} (at {at}); {_PAIRED_WHY}")
+            changes = changes or cfg != base
+        if not changes:
+            raise ConfigError(
+                f"{where}: changes nothing ({_shown_overrides(overrides)}): the chosen "
+                "configuration has these values at every point of the space"
+            )
+
+
 def validate_space(file: SpaceFile, origin: str) -> None:
     """Everything a model validator cannot see: reserved and unknown keys, the fixed section,
-    and every probed point of the space as a buildable trial config."""
-    if problems := _section_problems(file, origin):
+    every probed point of the space as a buildable trial config, and every variant at each."""
+    if problems := _section_problems(file, origin) + _variant_problems(file, origin):
         raise ConfigError("\n".join(problems))
     space = Space(origin, file)
     studies = space.studies()
@@ -424,14 +594,17 @@ def validate_space(file: SpaceFile, origin: str) -> None:
             f"{origin}: search.asha.grace_period: {file.search.asha.grace_period} is beyond "
             f"max_t={space.max_t} (train.epochs or search.asha.max_t)"
         )
+    bases = [(study, {}, space.trial_config(study, {})) for study in studies]
     for point in _probe_points(dict(file.space)):
         try:
-            space.trial_config(studies[0], point, origin=f"{origin}: {_shown(point)}")
+            cfg = space.trial_config(studies[0], point, origin=f"{origin}: {_shown(point)}")
         except ConfigError as exc:
             raise ConfigError(
                 f"{exc}\n{origin}: every value a distribution can produce must give a buildable "
                 "trial config (use choice: [...] to list the valid ones)"
             ) from None
+        bases.append((studies[0], point, cfg))
+    _probe_variants(space, bases)
 
 
 def load_space(path: str | Path) -> Space:

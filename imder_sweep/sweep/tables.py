@@ -1,10 +1,11 @@
 """The paper's tables from an experiment's results: Table 2 (random protocol, one row per MR) and
 Table 1 (fixed protocol, one row per available subset), each with an Average row.
 
-Cells are test Acc2 / F1 / Acc7 of the configuration chosen on validation, as mean ± std over the
-final seeds in percent with one decimal (std with ddof=1; one seed shows the mean alone). Each
-row also gives the realised MR of the test split and the chosen hyperparameters. Studies whose
-final runs are not (all) there yet show what there is, so a running experiment can be reported.
+Cells are test Acc2 / F1 / Acc7 of the configuration chosen on validation (`comparisons.py`
+builds the same rows for each of its variants), as mean ± std over the final seeds in percent
+with one decimal (std with ddof=1; one seed shows the mean alone). Each row also gives the
+realised MR of the test split and the chosen hyperparameters. Studies whose final runs are not
+(all) there yet show what there is, so a running experiment can be reported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 from imder_sweep.data.dataset import SPLITS
 from imder_sweep.metrics import format_cell
 from imder_sweep.stats import mean_std
-from imder_sweep.sweep.experiment import TABLE_CSV, TABLE_MD, ExperimentDir
 
 CELL_METRICS = ("acc2", "f1", "acc7")
 CSV_METRICS = (*CELL_METRICS, "mae", "corr")
@@ -214,19 +214,3 @@ def csv_text(plan: dict[str, Any], rows: list[Row]) -> str:
                 ]
             )
     return buf.getvalue()
-
-
-def build(experiment: ExperimentDir) -> tuple[str, str]:
-    """(Markdown, CSV) of an experiment from what is on storage."""
-    plan = experiment.read_json("plan.json")
-    searches, finals = experiment.results()
-    rows = rows_from(plan, searches, finals)
-    return markdown(plan, rows), csv_text(plan, rows)
-
-
-def write(experiment: ExperimentDir) -> str:
-    """Rebuild table.md and table.csv of an experiment; returns the Markdown."""
-    md, table_csv = build(experiment)
-    experiment.write_text(TABLE_MD, md)
-    experiment.write_text(TABLE_CSV, table_csv)
-    return md

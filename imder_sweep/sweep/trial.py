@@ -28,6 +28,7 @@ import torch
 from imder_sweep.data import MultimodalDataset, storage
 from imder_sweep.data.cache import NodeCachedDataset
 from imder_sweep.model import IMDer
+from imder_sweep.sweep.experiment import CHOSEN
 from imder_sweep.sweep.mlflow_runs import (
     SweepTracking,
     final_run_name,
@@ -84,6 +85,9 @@ class TrialContext:
     resources: Resources
     tracking: SweepTracking | None = None  # MLflow, with this study's parent run
     max_failures: int = 2  # restarts of a Train run whose worker or node died
+    variant: str | None = None  # a final run's variant (final.variants); None: the chosen config
+    test_mrs: tuple[float, ...] = ()  # final runs are also tested at these MRs (final.test_mr)
+    robustness_seed: int | None = None  # the masks at those MRs (None: each run's own seed)
 
     def config(
         self, params: dict[str, Any], seed: int | None = None, device: str | None = None
@@ -227,6 +231,7 @@ def run_in_process(
             resume_state=_restore(checkpoint, out),
             evaluate_test=evaluate_test,
             export_recovered=mlflow is not None and evaluate_test,
+            **_robustness(ctx, evaluate_test),
         )
         _keep(out, keep)
         if mlflow is not None:
@@ -234,6 +239,15 @@ def run_in_process(
             if evaluate_test:
                 _log_final(ctx, mlflow.run_id, out)
     return result
+
+
+def _robustness(ctx: TrialContext, final: bool) -> dict[str, Any]:
+    """`run_trial`'s robustness arguments: a final run is also tested at the space's test MRs,
+    on masks from the study's one robustness seed, so every model of the study (each seed, each
+    variant) sees the same masks per test MR; a search trial never sees the test split."""
+    if not final:
+        return {}
+    return {"test_mrs": ctx.test_mrs, "robustness_seed": ctx.robustness_seed}
 
 
 def _mlflow(ctx: TrialContext, run_id: str | None) -> MlflowReporter | None:
@@ -250,10 +264,14 @@ def _start_run(
     if ctx.tracking is None:
         return None
     if final:
-        name, kind = final_run_name(ctx.study, cfg.seed), "final"
+        name, kind = final_run_name(ctx.study, cfg.seed, ctx.variant), "final"
+        variant = ctx.variant or CHOSEN
     else:
         name, kind = trial_run_name(ctx.study, trial_id or "unknown"), "trial"
-    return ctx.tracking.start_run(cfg, ctx.study, name, kind=kind, trial_id=trial_id)
+        variant = None
+    return ctx.tracking.start_run(
+        cfg, ctx.study, name, kind=kind, trial_id=trial_id, variant=variant
+    )
 
 
 def _log_final(ctx: TrialContext, run_id: str, out: Path) -> None:
@@ -359,6 +377,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             evaluate_test=final,
             parallel=_data_parallel(rank, world),
             export_recovered=mlflow is not None and final,
+            **_robustness(ctx, final),
         )
         if mlflow is not None:
             mlflow.flush()
@@ -392,7 +411,7 @@ def fit_torch_trainer(
         callbacks.append(TuneReportCallback())
     else:
         trial_id = None
-        name = f"{ctx.study}-final-seed{seed}"
+        name = final_run_name(ctx.study, seed, ctx.variant)
     per_worker = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker:
         per_worker["GPU"] = r.gpus_per_worker
@@ -423,7 +442,8 @@ def fit_torch_trainer(
 
 
 def final_run(ctx: TrialContext, params: dict[str, Any], seed: int, keep: str) -> dict[str, Any]:
-    """One seed of the final evaluation: retrain the chosen configuration, test once."""
+    """One seed of the final evaluation: retrain the chosen configuration (or the variant
+    `ctx.variant`, whose overrides `params` holds), test once, and at `ctx.test_mrs`."""
     if ctx.resources.launcher == "torch":
         result = fit_torch_trainer(ctx, params, in_tune=False, seed=seed, keep=keep)
         return json.loads(result.metrics["result"])

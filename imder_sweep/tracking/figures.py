@@ -6,8 +6,11 @@ trials in threads or Ray processes cannot draw into each other's figures).
 - `sentiment_figure`: the recovered features coloured by the 7 sentiment classes, one row per
   model (conditional vs unconditional recovery, paper Fig. 4).
 - `history_figure`, `importance_figure`: a study's Optuna history and parameter importances.
-- `metrics_vs_mr_figure`: Acc2 / F1 / Acc7 against the missing rate, mean ± std over seeds as
-  the tables compute them.
+- `metric_vs_mr_figure`, `metrics_vs_mr_figure`: a metric (or Acc2 / F1 / Acc7 side by side)
+  against the missing rate, one line per configuration (the chosen one and its variants), mean
+  over seeds with a band of ± one std as the tables compute them.
+- `robustness_figure`: per configuration, a heat map of a test metric, trained at each study
+  (rows) and tested at each test MR (columns).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -35,6 +39,7 @@ SENTIMENT_CLASSES = tuple(range(-3, 4))
 PANEL_INCHES = 4.0
 DPI = 100
 TABLE_METRICS = {"acc2": "Acc2", "f1": "F1", "acc7": "Acc7"}  # key -> the tables' name
+METRIC_NAMES = {**TABLE_METRICS, "mae": "MAE", "corr": "Corr"}  # TABLE_METRICS in percent
 _RECOVERED, _TRUE = "tab:orange", "tab:blue"
 
 
@@ -56,6 +61,16 @@ class SummaryPoint:
     method: str
     mr: float
     values: Mapping[str, Sequence[float]]
+
+
+@dataclass(frozen=True)
+class RobustnessMatrix:
+    """One configuration's test metric (fractions), trained at each of `trained` (rows: the
+    studies' labels) and tested at each of `test_mrs` (columns); NaN where nothing ran."""
+
+    trained: Sequence[str]
+    test_mrs: Sequence[float]
+    values: np.ndarray  # (len(trained), len(test_mrs))
 
 
 def _tsne(points: np.ndarray) -> np.ndarray:
@@ -202,32 +217,75 @@ def importance_figure(importances: Mapping[str, float], *, metric: str, title: s
     return fig
 
 
+def _metric_vs_mr(ax: Axes, points: Sequence[SummaryPoint], metric: str) -> None:
+    """One line per method, in the order the points name them: the mean over seeds and a band
+    of ± one std (`imder_sweep.stats.mean_std`, the tables' rule: no band for a single seed,
+    no point where a seed has no value)."""
+    scale = 100.0 if metric in TABLE_METRICS else 1.0
+    for method in dict.fromkeys(p.method for p in points):
+        mine = sorted((p for p in points if p.method == method), key=lambda p: p.mr)
+        stats = scale * np.asarray([mean_std(p.values.get(metric, [])) for p in mine])  # (M, 2)
+        x = [p.mr for p in mine]
+        (line,) = ax.plot(x, stats[:, 0], marker="o", label=method)
+        low, high = stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1]
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    unit = " (%)" if metric in TABLE_METRICS else ""
+    ax.set_xlabel("missing rate")
+    ax.set_ylabel(f"{METRIC_NAMES[metric]}{unit}")
+    ax.set_title(METRIC_NAMES[metric])
+    ax.grid(alpha=0.3)
+
+
+def metric_vs_mr_figure(points: Sequence[SummaryPoint], metric: str, title: str) -> Figure:
+    """One metric against the missing rate, one line per method with its seed band."""
+    fig = Figure(figsize=(PANEL_INCHES + 2.0, PANEL_INCHES + 0.4), dpi=DPI, layout="constrained")
+    fig.suptitle(title)
+    ax = fig.subplots()
+    _metric_vs_mr(ax, points, metric)
+    ax.legend(loc="best")
+    return fig
+
+
 def metrics_vs_mr_figure(points: Sequence[SummaryPoint], title: str) -> Figure:
-    """Acc2 / F1 / Acc7 (%) against the missing rate, one line per method, error bars one
-    standard deviation over seeds: the tables' mean ± std (`imder_sweep.stats.mean_std`), so no
-    bar for a single seed and no point where a seed has no value."""
+    """Acc2 / F1 / Acc7 (%) against the missing rate side by side, as `metric_vs_mr_figure`."""
     fig = Figure(
         figsize=(PANEL_INCHES * len(TABLE_METRICS), PANEL_INCHES + 0.4),
         dpi=DPI,
         layout="constrained",
     )
     fig.suptitle(title)
-    methods = sorted({p.method for p in points})
     for ax, metric in zip(fig.subplots(1, len(TABLE_METRICS)), TABLE_METRICS, strict=True):
-        for method in methods:
-            mine = sorted((p for p in points if p.method == method), key=lambda p: p.mr)
-            stats = np.asarray([mean_std(p.values.get(metric, [])) for p in mine]) * 100
-            ax.errorbar(
-                [p.mr for p in mine],
-                stats[:, 0],
-                yerr=stats[:, 1],
-                capsize=3,
-                marker="o",
-                label=method,
-            )
-        ax.set_xlabel("missing rate")
-        ax.set_ylabel(f"{TABLE_METRICS[metric]} (%)")
-        ax.set_title(TABLE_METRICS[metric])
-        ax.grid(alpha=0.3)
+        _metric_vs_mr(ax, points, metric)
     fig.axes[0].legend(loc="best")
+    return fig
+
+
+def robustness_figure(matrices: Mapping[str, RobustnessMatrix], metric: str, title: str) -> Figure:
+    """One heat map per configuration (trained at the rows, tested at the columns), on one
+    colour scale so configurations compare by colour; each cell annotated with its value."""
+    scale = 100.0 if metric in TABLE_METRICS else 1.0
+    grids = {name: scale * m.values for name, m in matrices.items()}
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()] or [np.empty(0)])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    first = next(iter(matrices.values()))
+    width = 1.2 + 0.7 * len(first.test_mrs)
+    fig = Figure(
+        figsize=(width * len(matrices) + 1.0, 1.6 + 0.45 * len(first.trained)),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    image = None
+    for ax, (name, m) in zip(axes, matrices.items(), strict=True):
+        image = ax.imshow(grids[name], cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
+        for (i, j), v in np.ndenumerate(grids[name]):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="small", color="w")
+        ax.set_xticks(range(len(m.test_mrs)), [f"{mr:g}" for mr in m.test_mrs])
+        ax.set_yticks(range(len(m.trained)), list(m.trained))
+        ax.set_xlabel("test MR")
+        ax.set_title(name)
+    axes[0].set_ylabel("trained at")
+    fig.colorbar(image, ax=list(axes), label=METRIC_NAMES[metric])
     return fig

@@ -36,6 +36,7 @@ PRETRAIN_KEY = "imder.pretrain_key"
 PRETRAIN_RUN_ID = "imder.pretrain_run_id"  # on trials: the run that trained their stage (a)
 TRIAL_STATUS = "imder.trial_status"  # how a search trial ended: terminated, asha-stopped, error
 DATA_SHA256 = "imder.data_sha256"  # on trials and final runs: the dataset's checksum
+VARIANT = "imder.variant"  # on final runs: "imder" (the chosen configuration) or the variant
 VERSION_PREFIX = "imder.version."
 RUN_KINDS = ("study", "trial", "final", "pretrain", "summary")
 # Packages whose versions decide a result or a run's behaviour.

@@ -371,13 +371,18 @@ class Tracker:
         table_csv_path: str | Path,
         table_md_path: str | Path,
         rows: Sequence[SummaryPoint],
+        *,
+        extra: Sequence[str | Path] = (),
     ) -> str:
         """The experiment's summary run: the final Table 1/2 as `tables/<csv>` and
         `tables/<md>`, and `figures/metrics_vs_mr.png` (Acc2/F1/Acc7 against MR, mean ± std
-        over seeds, one line per method in `rows`). Logged again, it replaces them."""
+        over seeds, one line per method in `rows`); `extra` files too, pictures (`.png`) under
+        `figures/`, the rest (the comparisons' CSVs) under `tables/`. Logged again, it
+        replaces them."""
         run_id = self._run(experiment_id, match={runs.KIND: "summary"}, run_name="summary")
-        for path in (table_csv_path, table_md_path):
-            self.client.log_artifact(run_id, str(path), "tables")
+        for path in (table_csv_path, table_md_path, *extra):
+            folder = "figures" if Path(path).suffix == ".png" else "tables"
+            self.client.log_artifact(run_id, str(path), folder)
         if rows:
             with tempfile.TemporaryDirectory(prefix="imder-summary-") as tmp:
                 target = Path(tmp) / "metrics_vs_mr.png"

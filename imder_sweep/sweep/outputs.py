@@ -1,0 +1,109 @@
+"""An experiment's report, rebuilt from its results on disk: `table.md` (Table 1/2, then every
+comparison the space asks for and the recovery-health lines), `table.csv` (Table 1/2), one CSV
+per comparison (`comparisons.csv_files`) and, on request, the figures: each metric against the
+MR with one line per configuration, and the robustness heat maps.
+
+The driver writes it after every study (tables only) and at the end (with figures), and logs it
+on the summary run; `python -m imder_sweep.report` writes it again from what is there.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from imder_sweep.sweep import comparisons, tables
+from imder_sweep.sweep.experiment import (
+    CHOSEN,
+    PLAN,
+    TABLE_CSV,
+    TABLE_MD,
+    ExperimentDir,
+    Results,
+)
+from imder_sweep.tracking.figures import (
+    METRIC_NAMES,
+    RobustnessMatrix,
+    SummaryPoint,
+    metric_vs_mr_figure,
+    robustness_figure,
+)
+
+FIGURE_METRICS = ("acc2", "f1", "acc7", "mae")
+ROBUSTNESS_METRIC = "acc2"
+
+
+@dataclass(frozen=True)
+class Report:
+    files: dict[str, bytes]  # path in the experiment directory -> content
+    points: list[SummaryPoint]  # per configuration and random-protocol study: test per seed
+
+    @property
+    def markdown(self) -> str:
+        return self.files[TABLE_MD].decode()
+
+
+def build(experiment: ExperimentDir, *, figures: bool = False) -> Report:
+    """The report of `experiment` from what is on storage (figures only when asked: they take
+    a second or two to draw)."""
+    plan = experiment.read_json(PLAN)
+    results = experiment.results()
+    rows = comparisons.arm_rows(plan, results)
+    md = tables.markdown(plan, rows[CHOSEN]) + comparisons.markdown(plan, results, rows)
+    texts = {TABLE_MD: md, TABLE_CSV: tables.csv_text(plan, rows[CHOSEN])}
+    texts |= comparisons.csv_files(plan, results, rows)
+    files = {name: text.encode() for name, text in texts.items()}
+    mrs = comparisons.studied_mrs(plan)
+    points = [
+        SummaryPoint(arm, mrs[row.study], row.test)
+        for arm, arm_rows in rows.items()
+        for row in arm_rows
+        if row.study in mrs and row.seeds
+    ]
+    if figures:
+        files |= _figures(plan, results, points)
+    return Report(files, points)
+
+
+def write(experiment: ExperimentDir, *, figures: bool = False) -> Report:
+    """Build the report and write its files into the experiment directory."""
+    report = build(experiment, figures=figures)
+    for name, data in report.files.items():
+        experiment.write_bytes(name, data)
+    return report
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _figures(
+    plan: dict[str, Any], results: Results, points: list[SummaryPoint]
+) -> dict[str, bytes]:
+    """Each metric against the MR (random-protocol studies), the robustness heat maps."""
+    out = {}
+    if points:
+        for metric in FIGURE_METRICS:
+            title = f"Test {METRIC_NAMES[metric]} against the MR (band: ± 1 std over seeds)"
+            out[f"figures/{metric}_vs_mr.png"] = _png(metric_vs_mr_figure(points, metric, title))
+    if plan.get("test_mr"):
+        labels = [s["label"] for s in plan["studies"]]
+        matrices = {
+            arm: RobustnessMatrix(
+                labels,
+                plan["test_mr"],
+                comparisons.robustness_matrix(plan, results, arm, ROBUSTNESS_METRIC),
+            )
+            for arm in comparisons.arms(plan)
+        }
+        name = METRIC_NAMES[ROBUSTNESS_METRIC]
+        title = f"Test {name} (%), trained at each study, tested at each MR (mean over seeds)"
+        out[f"figures/robustness_{ROBUSTNESS_METRIC}.png"] = _png(
+            robustness_figure(matrices, ROBUSTNESS_METRIC, title)
+        )
+    return out
