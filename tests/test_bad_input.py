@@ -107,6 +107,11 @@ CASES: dict[str, Case] = {
         demo("warm-start"),
         expect=(demo("warm-start"), "search.warm_start:", "'none' or 'previous'", "(got 'last')"),
     ),
+    "warm-start-random": tune(
+        "--space",
+        demo("warm-start-random"),
+        expect=(demo("warm-start-random"), "search: warm_start 'previous' needs algorithm 'tpe'"),
+    ),
     "empty-search-space": tune(
         "--space", demo("empty-space"), expect=(demo("empty-space"), "space:", "at least 1 item")
     ),
@@ -311,6 +316,7 @@ def _space_edits() -> dict[str, Edit]:
         "unknown-key": search(numsamples=3),
         "wrong-type": search(num_samples="many"),
         "warm-start": search(warm_start="last"),
+        "warm-start-random": search(warm_start="previous", algorithm="random"),
         "empty-space": lambda raw: raw.update(space={}),
         "mr": lambda raw: raw["studies"].update(mr=[0.3, 0.8]),
         "width": space("model.score_net.width", {"choice": [0.25, 0.3]}),

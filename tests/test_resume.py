@@ -18,9 +18,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from imder_sweep.sweep.searcher import ENDED_ATTR, TUNE_TRIAL_ATTR, open_study
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +72,24 @@ def _trial_epochs(storage: Path, name: str) -> dict[str, list[int]]:
 def _runs(client: MlflowClient, name: str) -> list[Any]:
     experiment = client.get_experiment_by_name(name)
     return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _check_journal(storage: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's Optuna journal against its summary: every trial Tune ran is in it once,
+    COMPLETE (no ASHA here) with its epochs and its best epoch's value. Returns the trials of
+    the journal that Tune no longer ran (asked by a driver killed before Tune saved them)."""
+    summary = json.loads((storage / name / "results" / "mr0.3.search.json").read_text())
+    study = open_study(str(storage / name / "optuna" / "mr0.3.journal"), f"{name}/mr0.3")
+    assert summary["optuna_study"] == study.study_name
+    ids = Counter(t.user_attrs[TUNE_TRIAL_ATTR] for t in study.trials)
+    assert max(ids.values()) == 1, ids
+    by_id = {t.user_attrs[TUNE_TRIAL_ATTR]: t for t in study.trials}
+    for trial in summary["trials"]:
+        told = by_id.pop(trial["trial_id"])
+        assert told.state == TrialState.COMPLETE and trial["optuna_state"] == "COMPLETE"
+        assert told.value == pytest.approx(trial["value"])
+        assert told.intermediate_values == pytest.approx(dict(enumerate(trial["history"], 1)))
+    return list(by_id.values())
 
 
 def test_driver_killed_mid_search_then_resumed(tmp_path: Path) -> None:
@@ -129,6 +151,13 @@ def test_driver_killed_mid_search_then_resumed(tmp_path: Path) -> None:
     assert all(after[t] == [1, 2, 3] for t in finished)
     assert all(epochs == [1, 2, 3] for epochs in after.values()), after
     assert len(after) == 4
+    # Optuna: the searcher came back with Tune's state, so the resumed driver told the trials
+    # the killed one had running, each once, in the same study; none stayed RUNNING.
+    assert _check_journal(storage, "whole") == []
+    lost = _check_journal(storage, "cut")
+    assert all(t.state == TrialState.FAIL for t in lost)
+    assert {t.user_attrs[ENDED_ATTR] for t in lost} <= {"lost with the driver"}
+    assert "[mr0.3] Optuna study cut/mr0.3: 4 COMPLETE, 0 PRUNED, 0 FAIL" in logs
     # Reproducible: the same configurations proposed, with the same values.
     for study in ("mr0.3",):
         runs = [

@@ -380,3 +380,27 @@ def test_search_bench_prints_one_line_per_variant(
         assert row["case"] == "search" and row["trials"] == 3
         assert row["median_regret"] >= 0 and row["p90_regret"] >= row["median_regret"]
         assert 5 <= row["median_cost"] <= 100
+
+
+def test_a_restored_searcher_does_not_add_its_warm_start_again(tmp_path: Path) -> None:
+    """Tune's restore reopens a warm-started study from its journal: the carried-over trials
+    are there once, before the trials of both drivers."""
+    source = searcher(tmp_path, "mr0.3")
+    for trial_id, done in (("a", True), ("b", False)):
+        source.suggest(trial_id)
+        source.on_trial_complete(trial_id, result(1, 0.5, loop_done=done))
+    trials = open_study(journal_uri(str(tmp_path), "mr0.3"), study_name("exp", "mr0.3")).trials
+    search = searcher(tmp_path, "mr0.4", warm_start={study_name("exp", "mr0.3"): trials})
+    search.suggest("c")
+    search.save(str(tmp_path / "searcher.pkl"))
+    restored = pickle.loads(pickle.dumps(search))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.suggest("d")
+    study = load(Path(journal_uri(str(tmp_path), "mr0.4")), study_name("exp", "mr0.4"))
+    carried = [
+        (t.state, t.user_attrs["warm_start_number"])
+        for t in study.trials
+        if WARM_START_ATTR in t.user_attrs
+    ]
+    assert carried == [(TrialState.COMPLETE, 0), (TrialState.PRUNED, 1)]
+    assert [t.user_attrs.get(TUNE_TRIAL_ATTR) for t in study.trials] == [None, None, "c", "d"]

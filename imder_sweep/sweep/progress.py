@@ -49,6 +49,9 @@ def _fmt(v: Any) -> str:
 
 
 class TrialTable(Callback):
+    """The live table of one study's trials. `note` follows the title's trial count: trials a
+    warm start carried over never run here, so they have no row, only that count."""
+
     def __init__(
         self,
         study: str,
@@ -60,11 +63,12 @@ class TrialTable(Callback):
         num_samples: int,
         interval: float = 15.0,
         out: Out = emit,
+        note: str = "",
     ) -> None:
         self.study, self.label, self.keys = study, label, keys
         self.metric, self.mode, self.max_t, self.num_samples = metric, mode, max_t, num_samples
         self.names = short_names(keys)
-        self.interval, self.out = interval, out
+        self.interval, self.out, self.note = interval, out, note
         self._last_table = 0.0
         self._best: dict[str, float] = {}
         self._ended: set[str] = set()  # Tune updates a trial's status after the callbacks
@@ -98,7 +102,7 @@ class TrialTable(Callback):
         line = "  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True))
         body = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in rows]
         done = len(self._ended)
-        title = f"[{self.study}] trials {done}/{self.num_samples} done"
+        title = f"[{self.study}] trials {done}/{self.num_samples} done{self.note}"
         return "\n".join([title, line, *body])
 
     def _print_table(self, trials: list[Any]) -> None:

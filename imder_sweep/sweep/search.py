@@ -4,24 +4,41 @@ stage-(b) epochs, then every trial's best validation value and the chosen config
 Optuna cannot grid over missing rates, so each study (one missing rate, or one fixed-protocol
 subset) is its own Tune run, saved under the experiment directory so that an interrupted search
 can be restored. Only validation metrics are read: search trials never evaluate the test split.
+
+Optuna is told what model selection uses (`searcher.OptunaSearcher`): a trial's value is its
+best epoch's metric, a trial ASHA stopped is PRUNED with its epochs as intermediate values. Each
+study is one Optuna study, `EXPERIMENT/STUDY`, in its own journal file
+(`EXPERIMENT/optuna/STUDY.journal`), which `optuna-dashboard FILE` or `optuna.load_study` opens
+while the sweep runs. With `search.warm_start: previous` a study's sampler starts with the
+finished trials of the studies searched before it; they are carried over, never run again.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import optuna
 import ray
+from optuna.trial import FrozenTrial
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from imder_sweep.data import storage
 from imder_sweep.sweep.mlflow_runs import CloseTrialRuns
 from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import Out, TrialTable, last_line, trial_state
+from imder_sweep.sweep.searcher import (
+    TUNE_TRIAL_ATTR,
+    WARM_START_ATTR,
+    JournalFile,
+    OptunaSearcher,
+    journal_uri,
+    open_study,
+    study_name,
+)
 from imder_sweep.sweep.space import Resources, Space, Study
 from imder_sweep.sweep.trial import (
     DRIVER_RESOURCES,
@@ -31,24 +48,105 @@ from imder_sweep.sweep.trial import (
 )
 from imder_sweep.util import best_of, is_better
 
+# On a warm-started study's MLflow parent run: the studies its carried-over trials come from
+# (those trials have no runs of their own here: they ran, and are logged, in their own study).
+WARM_START_TAG = "imder.warm_start_from"
 
-def searcher(space: Space) -> OptunaSearch:
-    """Optuna over the space file's distributions, seeded, in the search's direction."""
-    s = space.search
+
+def journal(plan: Plan, study: Study) -> str:
+    """The study's Optuna journal, `EXPERIMENT/optuna/STUDY.journal` (local or s3://)."""
+    return journal_uri(plan.experiment_dir.root, study.name)
+
+
+def optuna_study_name(plan: Plan, study: Study) -> str:
+    """`EXPERIMENT/STUDY`: never the name of another sweep's study, so never merged with one."""
+    return study_name(plan.experiment, study.name)
+
+
+def searcher(
+    plan: Plan, study: Study, warm_start: dict[str, list[FrozenTrial]] | None = None
+) -> OptunaSearcher:
+    """Optuna over the space file's distributions, seeded, in the search's direction, writing
+    the study's journal; `warm_start` (source study name -> its trials) seeds its sampler."""
+    s = plan.space.search
+    seed = s.seed
+    if s.warm_start == "previous":
+        # TPE samples at random until it has 10 finished trials: from one seed, a study short
+        # of them would draw the very configurations it carried over. Each draws its own.
+        seed += plan.space.studies().index(study)
     sampler = (
-        optuna.samplers.TPESampler(seed=s.seed)
+        optuna.samplers.TPESampler(seed=seed)
         if s.algorithm == "tpe"
-        else optuna.samplers.RandomSampler(seed=s.seed)
+        else optuna.samplers.RandomSampler(seed=seed)
     )
-    # metric and mode go to the searcher and the scheduler, not to TuneConfig: an OptunaSearch
-    # built with its space refuses them later (and, under max_concurrent_trials' limiter,
-    # would never receive them).
-    return OptunaSearch(
-        space={k: d.to_optuna() for k, d in space.file.space.items()},
-        metric=s.metric,
-        mode=s.direction,
+    # metric and mode go to the searcher and the scheduler, not to TuneConfig: under
+    # max_concurrent_trials Tune would hand them to a limiter, not to the searcher.
+    return OptunaSearcher(
+        {k: d.to_optuna() for k, d in plan.space.file.space.items()},
+        [(s.metric, s.direction)],
+        storage=journal(plan, study),
+        study_name=optuna_study_name(plan, study),
         sampler=sampler,
+        warm_start=warm_start,
     )
+
+
+def earlier_studies(plan: Plan, study: Study) -> list[Study]:
+    """With `search.warm_start: previous`, the studies searched before `study` (the driver
+    searches them in the plan's order, each to its end first); else none."""
+    if plan.space.search.warm_start == "none":
+        return []
+    studies = plan.space.studies()
+    return studies[: studies.index(study)]
+
+
+def warm_start_trials(plan: Plan, study: Study) -> dict[str, list[FrozenTrial]]:
+    """The trials of the earlier studies, by Optuna study name, from their journals. The
+    searcher carries over the finished ones each study ran itself (COMPLETE and PRUNED), so a
+    trial enters once however many studies it could reach through."""
+    out = {}
+    for earlier in earlier_studies(plan, study):
+        name = optuna_study_name(plan, earlier)
+        out[name] = open_study(journal(plan, earlier), name).trials
+    return out
+
+
+def discard_unsaved_study(plan: Plan, study: Study, out: Out) -> None:
+    """`--resume` of a search whose driver died before Tune first saved it: Tune starts that
+    search again from nothing, and the Optuna study the dead driver began goes with it (what
+    its trials learnt was lost with Tune's state, their MLflow runs are deleted as lost). The
+    new search then creates the study again, adding its warm start once."""
+    uri, name = journal(plan, study), optuna_study_name(plan, study)
+    if not storage.exists(uri):
+        return
+    file = JournalFile(uri)
+    journal_storage = file.storage()
+    if name not in {s.study_name for s in journal_storage.get_all_studies()}:
+        return
+    trials = len(journal_storage.get_all_trials(journal_storage.get_study_id_from_name(name)))
+    optuna.delete_study(study_name=name, storage=journal_storage)
+    file.push()
+    out(
+        f"[{study.name}] Tune had not saved this search before the driver stopped: it starts "
+        f"again, and so does Optuna study {name} ({trials} trial(s) deleted from {uri})"
+    )
+
+
+def _carried(study: optuna.Study) -> int:
+    return sum(WARM_START_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
+def new_searcher(plan: Plan, study: Study, out: Out) -> OptunaSearcher:
+    """The study's searcher, warm-started from the earlier studies, said in a line."""
+    trials = warm_start_trials(plan, study)
+    search = searcher(plan, study, trials)
+    if trials:
+        sources = ", ".join(s.name for s in earlier_studies(plan, study))
+        out(
+            f"[{study.name}] warm start: {_carried(search.study)} finished trial(s) of "
+            f"{sources} carried over into Optuna study {search.study_name} (not run again)"
+        )
+    return search
 
 
 def scheduler(space: Space) -> ASHAScheduler | None:
@@ -77,8 +175,11 @@ def _trainable(ctx: TrialContext, r: Resources) -> Any:
     return tune.with_resources(tune.with_parameters(imder_trial, ctx=ctx), resources)
 
 
-def _callbacks(space: Space, study: Study, ctx: TrialContext, out: Out) -> list[tune.Callback]:
-    """The live trial table and, with tracking, the closing of each ended trial's run."""
+def _callbacks(
+    space: Space, study: Study, ctx: TrialContext, out: Out, carried: int
+) -> list[tune.Callback]:
+    """The live trial table (its title counts the `carried` trials, which never run here)
+    and, with tracking, the closing of each ended trial's run."""
     s = space.search
     table = TrialTable(
         study.name,
@@ -89,6 +190,7 @@ def _callbacks(space: Space, study: Study, ctx: TrialContext, out: Out) -> list[
         space.max_t,
         s.num_samples,
         out=out,
+        note=f", {carried} carried over by the warm start" if carried else "",
     )
     callbacks: list[tune.Callback] = [table]
     if ctx.tracking is not None:
@@ -98,23 +200,26 @@ def _callbacks(space: Space, study: Study, ctx: TrialContext, out: Out) -> list[
 
 def _tuner(plan: Plan, study: Study, ctx: TrialContext, out: Out, *, resume: bool) -> tune.Tuner:
     """A new Tuner for the study, or, with `resume` and a search saved earlier, that one."""
-    sp = plan.space
-    s, r = sp.search, sp.resources
-    trainable = _trainable(ctx, r)
+    trainable = _trainable(ctx, plan.space.resources)
     storage_path, filesystem = storage.ray_storage(plan.experiment_dir.root)
     saved = f"{storage_path}/{study.name}"
     if resume and tune.Tuner.can_restore(saved, storage_filesystem=filesystem):
-        # The searcher, scheduler, callbacks and configs come back from the saved state; the
-        # trainable is this driver's (its context holds this session's object refs).
+        # The searcher (its study reopened from the journal: no warm start added again),
+        # scheduler, callbacks and configs come back from the saved state; the trainable is
+        # this driver's (its context holds this session's object refs).
         out(f"[{study.name}] resuming the search saved in {plan.experiment_dir.path(study.name)}")
         return tune.Tuner.restore(
             saved, trainable, resume_errored=True, storage_filesystem=filesystem
         )
+    if resume:
+        discard_unsaved_study(plan, study, out)
+    search = new_searcher(plan, study, out)
+    s, r = plan.space.search, plan.space.resources
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher(sp),
-            scheduler=scheduler(sp),
+            search_alg=search,
+            scheduler=scheduler(plan.space),
             num_samples=s.num_samples,
             # Without it Tune keeps a single pending trial for a custom searcher.
             max_concurrent_trials=s.max_concurrent,
@@ -128,7 +233,7 @@ def _tuner(plan: Plan, study: Study, ctx: TrialContext, out: Out, *, resume: boo
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=0,
-            callbacks=_callbacks(sp, study, ctx, out),
+            callbacks=_callbacks(plan.space, study, ctx, out, _carried(search.study)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
         ),
@@ -147,11 +252,49 @@ def search_study(
     grid = _tuner(plan, study, ctx, out, resume=resume).fit()
     summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
     summary.update(study=study.name, protocol=study.protocol, seconds=time.perf_counter() - t0)
+    add_optuna_record(plan, study, summary)
+    out(optuna_line(plan, study, summary))
     if ctx.tracking is not None:
         if resume:
             _delete_lost_trial_runs(ctx, summary, out)
+        if summary["warm_start"]["from"]:
+            tag = ",".join(summary["warm_start"]["from"])
+            ctx.tracking.tracker.set_tags(ctx.tracking.parent_run_id, {WARM_START_TAG: tag})
         log_search(plan, ctx, grid, summary, out)
     return summary
+
+
+def add_optuna_record(plan: Plan, study: Study, summary: dict[str, Any]) -> None:
+    """What the study's journal holds, added to the summary: each trial's Optuna state
+    (COMPLETE, PRUNED, FAIL; for an errored trial Tune ran again, its last Optuna trial's),
+    the Optuna study's name, and the trials carried over by source study."""
+    name = optuna_study_name(plan, study)
+    names = {optuna_study_name(plan, s): s.name for s in plan.space.studies()}
+    states: dict[str, str] = {}
+    carried: Counter[str] = Counter()
+    for trial in open_study(journal(plan, study), name).get_trials(deepcopy=False):
+        if WARM_START_ATTR in trial.user_attrs:
+            carried[names[trial.user_attrs[WARM_START_ATTR]]] += 1
+        elif TUNE_TRIAL_ATTR in trial.user_attrs:  # in number order: a rerun comes last
+            states[trial.user_attrs[TUNE_TRIAL_ATTR]] = trial.state.name
+    for t in summary["trials"]:
+        t["optuna_state"] = states.get(t["trial_id"])
+    summary["optuna_study"] = name
+    summary["warm_start"] = {"from": list(carried), "trials": sum(carried.values())}
+
+
+def optuna_line(plan: Plan, study: Study, summary: dict[str, Any]) -> str:
+    """The search in Optuna's words: states, carried-over trials, where the journal is."""
+    states = Counter(t["optuna_state"] for t in summary["trials"])
+    counts = ", ".join(f"{states[k]} {k}" for k in ("COMPLETE", "PRUNED", "FAIL"))
+    warm, carried = summary["warm_start"], ""
+    if warm["trials"]:
+        sources = ", ".join(warm["from"])
+        carried = f"; {warm['trials']} carried over from {sources} (warm start, not run here)"
+    return (
+        f"[{study.name}] Optuna study {summary['optuna_study']}: {counts}{carried}; "
+        f"journal {journal(plan, study)}"
+    )
 
 
 def _delete_lost_trial_runs(ctx: TrialContext, summary: dict[str, Any], out: Out) -> None:

@@ -180,6 +180,15 @@ class Search(Strict):
             )
         return metric
 
+    @model_validator(mode="after")
+    def _warm_start_learns(self) -> Search:
+        if self.warm_start == "previous" and self.algorithm == "random":
+            raise ValueError(
+                "warm_start 'previous' needs algorithm 'tpe': random sampling never reads the "
+                "earlier trials, so carrying them over would change nothing"
+            )
+        return self
+
     @property
     def selected(self) -> str:
         """The metric name without its split prefix (the loop's select_metric)."""
