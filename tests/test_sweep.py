@@ -20,12 +20,8 @@ from imder_sweep import tune as tune_cli
 from imder_sweep.sweep import comparisons, tables
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.plan import describe, make_plan
-from imder_sweep.sweep.space import (
-    load_space,
-    packaged_spaces,
-    resolve_space_path,
-    validated_space,
-)
+from imder_sweep.sweep.space import packaged_spaces, resolve_space_path
+from imder_sweep.sweep.validation import load_space, validated_space
 from imder_sweep.train.config import ConfigError
 from imder_sweep.train.loop import DataParallel
 

@@ -32,7 +32,7 @@ RESULTS = "results"
 PRETRAIN_CACHE = "pretrain-cache"
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
-# A variant's name starts with a letter (space.VARIANT_NAME), a study's MR part does not.
+# A variant's name starts with a letter (validation.VARIANT_NAME), a study's MR part does not.
 _FINAL = re.compile(
     r"^(?P<study>.+?)(\.(?P<variant>[A-Za-z][A-Za-z0-9_-]*))?\.final-seed(?P<seed>\d+)\.json$"
 )

@@ -81,7 +81,7 @@ def trial_run_name(study: str, trial_id: str) -> str:
 
 def final_run_name(study: str, seed: int, variant: str | None = None) -> str:
     """A final run's name (and its Ray task's and Train run's): `variant` None is the chosen
-    configuration (no variant may be called "final": space.RESERVED_VARIANTS)."""
+    configuration (no variant may be called "final": validation.RESERVED_VARIANTS)."""
     return f"{study}-{variant or 'final'}-seed{seed}"
 
 

@@ -16,7 +16,8 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.sweep.experiment import ExperimentDir
-from imder_sweep.sweep.space import Space, validated_space
+from imder_sweep.sweep.space import Space
+from imder_sweep.sweep.validation import validated_space
 from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
 from imder_sweep.train.loop import pretrain_key
