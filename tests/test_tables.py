@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from imder_sweep import report
-from imder_sweep.sweep import comparisons
+from imder_sweep.sweep import comparisons, curves
 from imder_sweep.sweep.experiment import CHOSEN, ExperimentDir, Results
 
 T_975_DF2 = 4.302652729749464  # Student t quantile, 2 degrees of freedom
@@ -127,24 +127,24 @@ def test_the_average_difference_pairs_the_per_seed_averages_over_the_studies() -
 
 def test_auilc_is_the_trapezoid_over_the_nominal_mrs_with_its_spread_over_seeds() -> None:
     plan = _plan(variants={"zero": {"model.recovery": "zero"}})
-    curves = {0: (0.9, 0.8, 0.6), 1: (0.8, 0.8, 0.7)}  # seed -> Acc2 at MR 0.0, 0.3, 0.7
+    acc2 = {0: (0.9, 0.8, 0.6), 1: (0.8, 0.8, 0.7)}  # seed -> Acc2 at MR 0.0, 0.3, 0.7
     finals = {
         f"mr{mr:g}": {
-            CHOSEN: {s: _result(c[j]) for s, c in curves.items()},
-            "zero": {s: _result(c[j] - 0.1 * (s + 1)) for s, c in curves.items()},
+            CHOSEN: {s: _result(c[j]) for s, c in acc2.items()},
+            "zero": {s: _result(c[j] - 0.1 * (s + 1)) for s, c in acc2.items()},
         }
         for j, mr in enumerate((0.0, 0.3, 0.7))
     }
-    chosen, zero = comparisons.auilc_rows(plan, comparisons.arm_rows(plan, _results(finals)))
+    chosen, zero = curves.auilc_rows(plan, comparisons.arm_rows(plan, _results(finals)))
     # seed 0: (0.3 (0.9 + 0.8) / 2 + 0.4 (0.8 + 0.6) / 2) / 0.7 = 0.535 / 0.7; seed 1: 0.54 / 0.7.
     # The nominal 0.7 is the last MR: with 2/3 the areas would differ.
     a0, a1 = 0.535 / 0.7, 0.54 / 0.7
     mean, std = chosen.values["acc2"]
     assert mean == pytest.approx((a0 + a1) / 2) and std == pytest.approx(abs(a0 - a1) / 2**0.5)
-    assert comparisons._auilc_cell(chosen, "acc2") == "76.8 ± 0.5"
+    assert curves._auilc_cell(chosen, "acc2") == "76.8 ± 0.5"
     # The variant is 0.1 (seed 0) and 0.2 (seed 1) lower at every MR: so is its AUILC.
     assert zero.diffs["acc2"].mean == pytest.approx(0.15) and zero.diffs["acc2"].n == 2
-    md = "\n".join(comparisons.auilc_markdown(plan, [chosen, zero]))
+    md = "\n".join(curves.auilc_markdown(plan, [chosen, zero]))
     assert "nominal MRs (0, 0.3, 0.7; 0.7 stands for 2/3)" in md
 
 
@@ -204,10 +204,10 @@ def test_robustness_matrix_and_its_auilc_over_the_test_mrs() -> None:
         2: _result(0.8),  # tested before the loop recorded robustness: left out
     }
     results = _results({"mr0.3": {CHOSEN: seeds}})
-    matrix = comparisons.robustness_matrix(plan, results, CHOSEN, "acc2")
+    matrix = curves.robustness_matrix(plan, results, CHOSEN, "acc2")
     assert matrix.shape == (1, 3)
     assert matrix[0] == pytest.approx([0.85, 0.75, 0.55])
-    (auc,) = comparisons.robustness_auilc(plan, results)
+    (auc,) = curves.robustness_auilc(plan, results)
     # seed 0: (0.5 (0.9 + 0.8) / 2 + 0.2 (0.8 + 0.5) / 2) / 0.7; seed 1: (0.375 + 0.13) / 0.7.
     a0, a1 = (0.425 + 0.13) / 0.7, (0.375 + 0.13) / 0.7
     assert (auc.study, auc.seeds) == ("mr0.3", [0, 1])
@@ -215,10 +215,10 @@ def test_robustness_matrix_and_its_auilc_over_the_test_mrs() -> None:
         pytest.approx((a0 + a1) / 2),
         pytest.approx(abs(a0 - a1) / 2**0.5),
     )
-    md = "\n".join(comparisons.robustness_markdown(plan, results, [auc]))
+    md = "\n".join(curves.robustness_markdown(plan, results, [auc]))
     assert "| trained at | 0 | 0.5 | 0.7 | AUILC Acc2 | AUILC F1 |" in md
     assert "| 0.3 | 85.0 | 75.0 | 55.0 | 75.7 ± 5.1 | 75.7 ± 5.1 |" in md
-    rows = list(csv.DictReader(comparisons.robustness_csv(plan, results).splitlines()))
+    rows = list(csv.DictReader(curves.robustness_csv(plan, results).splitlines()))
     assert [(r["test_mr"], r["n_seeds"], r["acc2_mean"]) for r in rows] == [
         ("0", "2", "85.0000"),
         ("0.5", "2", "75.0000"),

@@ -1,6 +1,6 @@
 """An experiment's report, rebuilt from its results on disk: `table.md` (Table 1/2, then every
 comparison the space asks for and the recovery-health lines), `table.csv` (Table 1/2), one CSV
-per comparison (`comparisons.csv_files`) and, on request, the figures: each metric against the
+per comparison (`comparison_csv_files`) and, on request, the figures: each metric against the
 MR with one line per configuration, and the robustness heat maps.
 
 The driver writes it after every study (tables only) and at the end (with figures), and logs it
@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from imder_sweep.sweep import comparisons, tables
+from imder_sweep.sweep import comparisons, curves, tables
 from imder_sweep.sweep.experiment import (
     CHOSEN,
     PLAN,
@@ -52,11 +52,11 @@ def build(experiment: ExperimentDir, *, figures: bool = False) -> Report:
     plan = experiment.read_json(PLAN)
     results = experiment.results()
     rows = comparisons.arm_rows(plan, results)
-    md = tables.markdown(plan, rows[CHOSEN]) + comparisons.markdown(plan, results, rows)
+    md = tables.markdown(plan, rows[CHOSEN]) + comparison_markdown(plan, results, rows)
     texts = {TABLE_MD: md, TABLE_CSV: tables.csv_text(plan, rows[CHOSEN])}
-    texts |= comparisons.csv_files(plan, results, rows)
+    texts |= comparison_csv_files(plan, results, rows)
     files = {name: text.encode() for name, text in texts.items()}
-    mrs = comparisons.studied_mrs(plan)
+    mrs = curves.studied_mrs(plan)
     points = [
         SummaryPoint(arm, mrs[row.study], row.test)
         for arm, arm_rows in rows.items()
@@ -97,7 +97,7 @@ def _figures(
             arm: RobustnessMatrix(
                 labels,
                 plan["test_mr"],
-                comparisons.robustness_matrix(plan, results, arm, ROBUSTNESS_METRIC),
+                curves.robustness_matrix(plan, results, arm, ROBUSTNESS_METRIC),
             )
             for arm in comparisons.arms(plan)
         }
@@ -106,4 +106,31 @@ def _figures(
         out[f"figures/robustness_{ROBUSTNESS_METRIC}.png"] = _png(
             robustness_figure(matrices, ROBUSTNESS_METRIC, title)
         )
+    return out
+
+
+def comparison_markdown(plan: dict[str, Any], results: Results, rows: comparisons.Rows) -> str:
+    """The sections after Table 1/2: only those the space asks for, plus the health lines."""
+    lines = comparisons.differences_markdown(comparisons.differences(plan, rows))
+    lines += comparisons.table3_markdown(plan, rows, results)
+    lines += curves.auilc_markdown(plan, curves.auilc_rows(plan, rows))
+    lines += curves.robustness_markdown(plan, results, curves.robustness_auilc(plan, results))
+    lines += comparisons.health_markdown(plan, results)
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv_files(
+    plan: dict[str, Any], results: Results, rows: comparisons.Rows
+) -> dict[str, str]:
+    """File name -> CSV text of each comparison the space asks for."""
+    out = {}
+    if plan.get("variants"):
+        out["differences.csv"] = comparisons.differences_csv(comparisons.differences(plan, rows))
+    if comparisons.table3_arms(plan):
+        out["table3.csv"] = comparisons.table3_csv(plan, rows)
+    aucs = curves.auilc_rows(plan, rows) + curves.robustness_auilc(plan, results)
+    if aucs:
+        out["auilc.csv"] = curves.auilc_csv(aucs)
+    if plan.get("test_mr"):
+        out["robustness.csv"] = curves.robustness_csv(plan, results)
     return out
