@@ -34,6 +34,12 @@ class SamplerConfig(_Config):
     eps: float = Field(1e-3, gt=0.0, lt=1.0)
     snr: float = Field(0.16, gt=0.0)  # Langevin corrector of the "pc" solver
     corrector_steps: int = Field(1, ge=0)
+    # eager: PyTorch as is; compile: the score net under torch.compile(mode="reduce-overhead");
+    # graph: the whole solver loop as one CUDA graph per (modality, bucket), CUDA only.
+    backend: Literal["eager", "graph", "compile"] = "eager"
+    # The rows missing a modality are padded to bucket * 2^k rows (static shapes); None: no
+    # padding under eager, 8 under graph and compile.
+    bucket: int | None = Field(None, ge=1)
 
     @field_validator("solver")
     @classmethod
@@ -41,6 +47,12 @@ class SamplerConfig(_Config):
         if v not in SOLVERS:
             raise ValueError(f"unknown solver {v!r}; known: {sorted(SOLVERS)}")
         return v
+
+    def effective_bucket(self) -> int | None:
+        """The smallest bucket, or None for unpadded eager sampling."""
+        if self.bucket is None and self.backend != "eager":
+            return 8
+        return self.bucket
 
 
 class ScoreNetConfig(_Config):

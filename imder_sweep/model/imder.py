@@ -22,8 +22,8 @@ from imder_sweep.modalities import MODALITIES
 from imder_sweep.model.config import ModelConfig, SamplerConfig
 from imder_sweep.model.fusion import MulTFusion
 from imder_sweep.model.reconstruction import Reconstruction
+from imder_sweep.model.recovery import StaticRecovery, bucket_size, solve
 from imder_sweep.model.score_net import ConditionalScoreUNet
-from imder_sweep.samplers import sample
 from imder_sweep.sde import build_sde
 
 # The two modalities that condition the recovery of each one, in the release's concat order.
@@ -95,6 +95,10 @@ class IMDer(nn.Module):
             else None
         )
         self.fusion = MulTFusion(cfg.fusion, d)
+        # (modality, sampler, bucket size, device, dtype) -> its static-shape sampler
+        self._static: dict[
+            tuple[str, SamplerConfig, int, torch.device, torch.dtype], StaticRecovery
+        ] = {}
         # Training-set mean of the encoded features, for the "mean" baseline (set by the trainer).
         self.register_buffer("feature_mean", torch.zeros(len(MODALITIES), d, length))
 
@@ -129,29 +133,30 @@ class IMDer(nn.Module):
         `sampler` (None: the model's own `cfg.sampler`, the one D_k trains on).
 
         The condition is re-noised to the current time at every score evaluation, as released.
+        With a bucket (always under the graph and compile backends) the n rows run padded on
+        static buffers (`recovery.StaticRecovery`), one set per (modality, bucket, sampler).
         """
         if self.score is None:
             raise RuntimeError(f"recovery mode {self.cfg.recovery!r} has no score network")
-        net, sde, scfg = self.score[target], self.sde, sampler or self.cfg.sampler
+        scfg = sampler or self.cfg.sampler
         draw = noise or _plain_noise
+        bucket = scfg.effective_bucket()
+        if bucket is None:
+            return solve(self.score[target], self.sde, cond, draw, scfg)
+        size = bucket_size(cond.shape[0], bucket)
+        key = (target, scfg, size, cond.device, cond.dtype)
+        if key not in self._static:
+            self._static[key] = StaticRecovery(self.score[target], self.sde, scfg, size, cond)
+        return self._static[key](cond, draw)
 
-        def score_fn(x: Tensor, t: Tensor) -> Tensor:
-            std = sde.marginal_std(t)[:, None, None]
-            return net(x, t, cond + std * draw(cond))
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> IMDer:
+        # Moving or casting the weights invalidates the static buffers and captured graphs.
+        self._static.clear()
+        return super()._apply(fn, recurse)
 
-        x_T = draw(cond) * sde.prior_std()
-        res = sample(
-            score_fn,
-            sde,
-            x_T,
-            solver=scfg.solver,
-            steps=scfg.steps,
-            eps=scfg.eps,
-            noise=draw,
-            snr=scfg.snr,
-            corrector_steps=scfg.corrector_steps,
-        )
-        return res.x, res.nfe
+    def __getstate__(self) -> dict[str, object]:
+        # Copies and pickles carry the weights, not the compiled or captured samplers.
+        return {**super().__getstate__(), "_static": {}}
 
     def forward(
         self,
