@@ -8,7 +8,9 @@ after one warm-up; CUDA work is synchronised before each clock read.
 `--reference-code DIR` (a checkout of the published IMDer code) also times the release's own
 Euler-Maruyama sampler and score network in the same process, so a noisy machine compares like
 with like; our matching lines then carry `speedup_vs_same_session_reference`. `--cases solvers`
-runs the few-step solver study (`imder_sweep.solver_study`).
+runs the few-step solver study (`imder_sweep.solver_study`); `--cases gpu` the GPU fast-path check
+(`imder_sweep.bench_gpu`: every sampler backend, train steps, epochs, memory, CUDA-event timings),
+`--tiny` a seconds-long version of it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imder_sweep.modalities import MODALITIES, SUBSETS, subset_to_pattern
+from imder_sweep.bench_gpu import BACKENDS, PRESET_CASES, model_inputs, run_gpu_case
+from imder_sweep.modalities import SUBSETS, subset_to_pattern
 from imder_sweep.model import (
     IMDer,
     SamplerConfig,
@@ -52,11 +56,6 @@ REFERENCE_S: dict[tuple[str, str], float] = {
     ("epoch_mr0.5_mosi", "cpu"): 628.0,
     ("epoch_mr0.5_mosi", "cuda"): 259.0,
     ("epoch_mr0.5_mosei", "cuda"): 707.0,
-}
-# name -> (preset, batch size, split sizes train/valid/test)
-PRESET_CASES = {
-    "mosi": (reference_mosi, 32, (1284, 229, 686)),
-    "mosei": (reference_mosei, 128, (16326, 1871, 4659)),
 }
 
 
@@ -238,13 +237,6 @@ def bench_sampler(
     return rows
 
 
-def _inputs(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        m: torch.randn(batch, cfg.seq_len, dim, device=device)
-        for m, dim in zip(MODALITIES, cfg.dims, strict=True)
-    }
-
-
 def bench_train_steps(name: str, device: torch.device, repeat: int) -> list[dict]:
     """A train step (forward, eq. 20, backward, Adam) per availability pattern, one pattern per
     batch as the release runs them, then an epoch at MR 0.5 estimated from per-sample masks."""
@@ -252,7 +244,7 @@ def bench_train_steps(name: str, device: torch.device, repeat: int) -> list[dict
     cfg = preset()
     model = IMDer(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    inputs, labels = _inputs(cfg, batch, device), torch.randn(batch, device=device)
+    inputs, labels = model_inputs(cfg, batch, device), torch.randn(batch, device=device)
 
     def step(mask: torch.Tensor) -> None:
         model.train()
@@ -319,7 +311,7 @@ def train_step_peak(name: str, width: float, device: torch.device) -> dict:
     cfg = preset(score_net={"width": width})
     model = IMDer(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    inputs, labels = _inputs(cfg, batch, device), torch.randn(batch, device=device)
+    inputs, labels = model_inputs(cfg, batch, device), torch.randn(batch, device=device)
     mask = torch.tensor([subset_to_pattern("l")] * batch, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -373,10 +365,10 @@ def bench_params(device: torch.device, repeat: int) -> list[dict]:
     ]
 
 
-CASES = ("params", "reference", "sampler", "train", "memory", "solvers")
+CASES = ("params", "reference", "sampler", "train", "memory", "solvers", "gpu")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m imder_sweep.bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3)
@@ -396,11 +388,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a checkout of the published IMDer code (holding trains/): adds the reference case",
     )
+    parser.add_argument(
+        "--tiny", action="store_true", help="gpu case: a tiny model, 2 steps (a quick check)"
+    )
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"gpu case: sampler backends to run, of {', '.join(BACKENDS)} (the others' rows "
+        "print as skipped)",
+    )
     args = parser.parse_args(argv)
-    cases = set(args.cases.split(","))
-    unknown = cases - set(CASES)
+    args.backend_list = tuple(b for b in BACKENDS if b in args.backends.split(","))
+    unknown = set(args.backends.split(",")) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown --backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+    args.case_set = set(args.cases.split(","))
+    unknown = args.case_set - set(CASES)
     if unknown:
         parser.error(f"unknown --cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    unknown = set(args.presets.split(",")) - set(PRESET_CASES)
+    if unknown:
+        parser.error(f"unknown preset {sorted(unknown)}; known: {sorted(PRESET_CASES)}")
     if args.reference_code is not None:
         missing = missing_reference_files(args.reference_code)
         if missing:
@@ -408,9 +416,44 @@ def main(argv: list[str] | None = None) -> int:
                 f"--reference-code {args.reference_code}: not a checkout of the published IMDer "
                 f"code, missing {', '.join(missing)}"
             )
-        cases.add("reference")
-    elif "reference" in cases:
+        if "gpu" not in args.case_set:  # the gpu case times the published code itself
+            args.case_set.add("reference")
+    elif "reference" in args.case_set:
         parser.error("the reference case needs --reference-code DIR")
+    return args
+
+
+def jobs_for(args: argparse.Namespace, device: torch.device) -> list[Callable[[], Iterable[dict]]]:
+    """The cases of `args`, each a function yielding its rows, in the order of CASES."""
+    cases, root = args.case_set, args.reference_code
+    jobs: list[Callable[[], Iterable[dict]]] = []
+    if "params" in cases:
+        jobs.append(lambda: bench_params(device, args.repeat))
+    if cases & {"reference", "sampler"}:
+        jobs.append(
+            lambda: bench_sampler(device, args.repeat, ours="sampler" in cases, reference=root)
+        )
+    if "train" in cases:
+        for name in args.presets.split(","):
+            jobs.append(lambda name=name: bench_train_steps(name, device, args.repeat))
+    if "memory" in cases:
+        jobs.append(lambda: bench_memory(device))
+    if "solvers" in cases:
+        from imder_sweep.solver_study import run_solver_study
+
+        jobs.append(lambda: run_solver_study(device))
+    if "gpu" in cases:
+        reference = partial(reference_sampler_calls, root) if root is not None else None
+        jobs.append(
+            lambda: run_gpu_case(
+                device, args.repeat, reference=reference, tiny=args.tiny, backends=args.backend_list
+            )
+        )
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -422,28 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    jobs: list[Callable[[], Iterable[dict]]] = []
-    if "params" in cases:
-        jobs.append(lambda: bench_params(device, args.repeat))
-    if cases & {"reference", "sampler"}:
-        jobs.append(
-            lambda: bench_sampler(
-                device, args.repeat, ours="sampler" in cases, reference=args.reference_code
-            )
-        )
-    if "train" in cases:
-        for name in args.presets.split(","):
-            if name not in PRESET_CASES:
-                parser.error(f"unknown preset {name!r}; known: {sorted(PRESET_CASES)}")
-            jobs.append(lambda name=name: bench_train_steps(name, device, args.repeat))
-    if "memory" in cases:
-        jobs.append(lambda: bench_memory(device))
-    if "solvers" in cases:
-        from imder_sweep.solver_study import run_solver_study
-
-        jobs.append(lambda: run_solver_study(device))
     same_session: dict[str, float] = {}
-    for job in jobs:
+    for job in jobs_for(args, device):
         for row in job():
             emit(row, device, env, same_session)
     return 0
