@@ -33,9 +33,11 @@ import torch
 from imder_sweep.consistency import frechet_distance, mmd_rbf
 from imder_sweep.data import load_dataset
 from imder_sweep.metrics import regression_metrics
-from imder_sweep.model import IMDer, IMDerOutput, SamplerConfig
+from imder_sweep.model import IMDer, SamplerConfig
 from imder_sweep.train.config import TrialConfig, resolve_trial_config
-from imder_sweep.train.loop import SplitData, predict, prepare_splits, run_trial
+from imder_sweep.train.evaluate import predict
+from imder_sweep.train.loop import run_trial
+from imder_sweep.train.splits import SplitData, prepare_splits
 
 # The trial: examples/trial-tiny.yaml at MR 0.5, trained with EM-100 as the release trains.
 STUDY_TRIAL: dict[str, Any] = {
@@ -74,18 +76,6 @@ def study_config(device: torch.device) -> TrialConfig:
     )
 
 
-class WithSampler(torch.nn.Module):
-    """`model` called with another sampler (`IMDer.forward(..., sampler=)`): the same weights,
-    nothing rebuilt or copied, for `predict`, which calls the model with the batch only."""
-
-    def __init__(self, model: IMDer, sampler: SamplerConfig) -> None:
-        super().__init__()
-        self.model, self.sampler = model, sampler
-
-    def forward(self, *args: Any, **kwargs: Any) -> IMDerOutput:
-        return self.model(*args, **kwargs, sampler=self.sampler)
-
-
 def trained_model(cfg: TrialConfig, state: dict[str, torch.Tensor], device: torch.device) -> IMDer:
     model = IMDer(cfg.model).to(device)
     model.load_state_dict(state)
@@ -106,7 +96,7 @@ def sampler_runs(data: SplitData, batch_size: int) -> int:
 
 
 def evaluate_seed(
-    model: torch.nn.Module, data: SplitData, batch_size: int, seed: int
+    model: IMDer, sampler: SamplerConfig, data: SplitData, batch_size: int, seed: int
 ) -> dict[str, float]:
     """Test metrics, NFE, wall time and recovered-feature quality under one noise seed.
 
@@ -115,7 +105,7 @@ def evaluate_seed(
     L'), then averaged over the modalities.
     """
     start = time.perf_counter()
-    pred, extra = predict(model, data, batch_size, seed, "test", collect=True)
+    pred, extra = predict(model, data, batch_size, seed, "test", collect=True, sampler=sampler)
     seconds = time.perf_counter() - start
     scores = regression_metrics(pred.float().cpu().numpy(), data.labels.cpu().numpy())
     recovered = extra["recovered"]
@@ -187,11 +177,11 @@ def run_solver_study(
     # Warm-up (allocations, kernel selection): every pass runs the same shapes, the masks being
     # fixed per split, so one cheap pass serves all timed ones.
     model = trained_model(cfg, state, device)
-    predict(WithSampler(model, sampler_setting(cfg, "ode_euler", 1)), test, batch_size, 0, "test")
+    predict(model, test, batch_size, 0, "test", sampler=sampler_setting(cfg, "ode_euler", 1))
     base: dict[str, Any] | None = None
     for solver, steps in SOLVER_SETTINGS:
-        evaluated = WithSampler(model, sampler_setting(cfg, solver, steps))
-        per_seed = [evaluate_seed(evaluated, test, batch_size, seed) for seed in seeds]
+        sampler = sampler_setting(cfg, solver, steps)
+        per_seed = [evaluate_seed(model, sampler, test, batch_size, seed) for seed in seeds]
         row: dict[str, Any] = {
             "case": f"solvers_{solver}_{steps}",
             "solver": solver,
