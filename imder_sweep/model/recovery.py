@@ -138,7 +138,9 @@ class StaticRecovery:
         return x
 
     def _capture(self) -> None:
-        """Warm up on a side stream (kernel selection, allocator), then capture `loop` once."""
+        """Warm up on a side stream, then capture `loop` once. The warm-up also selects the
+        kernels and builds what the network caches (its causal masks) outside the graph: a
+        tensor first made during capture holds nothing until the graph is replayed."""
         side = torch.cuda.Stream(self.cond.device)
         side.wait_stream(torch.cuda.current_stream(self.cond.device))
         with torch.cuda.stream(side):
