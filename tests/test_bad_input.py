@@ -34,6 +34,8 @@ from imder_sweep.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where demo.yaml gives its studies: the duplicate-key case repeats them at the end.
+STUDIES_LINE = (ROOT / "search_spaces" / "demo.yaml").read_text().splitlines().index("studies:") + 1
 WORKERS = 2
 TIMEOUT_S = 120  # a case that starts a sweep by mistake is killed, not waited for
 FAIL_WITHIN_S = 60  # every case must fail at least this fast (an unreachable Ray address too)
@@ -87,7 +89,7 @@ CASES: dict[str, Case] = {
     "duplicate-key": tune(
         "--space",
         demo("duplicate"),
-        expect=(demo("duplicate"), "duplicate key 'studies' (first given at line 16)"),
+        expect=(demo("duplicate"), f"duplicate key 'studies' (first given at line {STUDIES_LINE})"),
     ),
     "empty-space-file": tune(
         "--space", demo("empty"), expect=(demo("empty"), "studies: Field required")
