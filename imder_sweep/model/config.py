@@ -7,7 +7,7 @@ dicts (YAML, Ray's param dicts); unknown keys and invalid values raise errors th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -132,7 +132,9 @@ class FusionConfig(_Config):
         return self.mem_layers if self.mem_layers is not None else max(self.nlevels, 3)
 
 
-RECOVERY_MODES = ("diffusion+reconstruction", "diffusion", "reconstruction", "zero", "mean")
+# IMDer and its Table 3 ablations / baselines: s_k + D_k, s_k alone, D_k alone, zero-fill, mean-fill.
+Recovery = Literal["diffusion+reconstruction", "diffusion", "reconstruction", "zero", "mean"]
+RECOVERY_MODES: tuple[str, ...] = get_args(Recovery)
 
 
 class ModelConfig(_Config):
@@ -142,9 +144,7 @@ class ModelConfig(_Config):
     seq_len: int = Field(50, ge=1)
     d_model: int = Field(32, ge=1)  # shared width d after the shallow encoders
     encoder_kernel: int = Field(3, ge=1)
-    recovery: Literal["diffusion+reconstruction", "diffusion", "reconstruction", "zero", "mean"] = (
-        "diffusion+reconstruction"
-    )
+    recovery: Recovery = "diffusion+reconstruction"
     beta: float = Field(0.1, ge=0.0)  # eq. 20
     sde: SDEConfig = SDEConfig()
     sampler: SamplerConfig = SamplerConfig()
