@@ -132,7 +132,7 @@ class FusionConfig(_Config):
         return self.mem_layers if self.mem_layers is not None else max(self.nlevels, 3)
 
 
-# IMDer and its Table 3 ablations / baselines: s_k + D_k, s_k alone, D_k alone, zero-fill, mean-fill.
+# IMDer and its Table 3 ablations and baselines: s_k + D_k, s_k alone, D_k alone, zero, mean.
 Recovery = Literal["diffusion+reconstruction", "diffusion", "reconstruction", "zero", "mean"]
 RECOVERY_MODES: tuple[str, ...] = get_args(Recovery)
 
