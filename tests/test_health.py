@@ -222,6 +222,30 @@ def test_batch_size_splits_the_calls_not_the_noise() -> None:
     assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
 
 
+def test_all_times_in_one_stacked_call_equal_each_time_on_its_own() -> None:
+    """One score call on the len(times) x n stacked rows; each time gets what it gets alone
+    with the generator's draws in order (z, then z_cond, per time)."""
+    x0 = torch.randn(30, 4, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(30, 4, 8, generator=torch.Generator().manual_seed(1))
+    calls: list[int] = []
+
+    def score(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+        calls.append(x.shape[0])
+        return -(x + 0.3 * c) / (2.0 + SDE.marginal_std(t)[:, None, None] ** 2)
+
+    def run(times: tuple[float, ...], gen: torch.Generator) -> DenoisingByTime:
+        return denoising_loss_by_time(
+            score, SDE, x0, cond, generator=gen, condition_noise="independent", times=times
+        )
+
+    stacked = run((0.2, 0.5, 0.9), torch.Generator().manual_seed(3))
+    assert calls == [90]
+    gen = torch.Generator().manual_seed(3)
+    alone = [run((t,), gen) for t in (0.2, 0.5, 0.9)]  # one generator, continued
+    assert stacked.loss == pytest.approx([r.loss[0] for r in alone], rel=1e-6)
+    assert stacked.gaussian == pytest.approx([r.gaussian[0] for r in alone], rel=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["same", "independent", "clean"])
 def test_condition_is_perturbed_as_in_training(mode: str) -> None:
     x0 = torch.randn(16, 4, 8, generator=torch.Generator().manual_seed(0))

@@ -38,6 +38,8 @@ class IMDerOutput:
     features: dict[str, Tensor]  # modality -> (B, d, L') true encoded features
     recovered: dict[str, Tensor] = field(default_factory=dict)  # modality -> (n_k, d, L')
     recovered_rows: dict[str, Tensor] = field(default_factory=dict)  # modality -> (n_k,) rows
+    # modality -> (n_k, d, L'): the sampler's x~_k (eq. 14) before D_k; diffusion modes only
+    sampled: dict[str, Tensor] = field(default_factory=dict)
     nfe: int = 0  # score evaluations spent sampling this batch
 
 
@@ -198,7 +200,7 @@ class IMDer(nn.Module):
             rows = missing_rows[m]
             if rows.numel() == 0:
                 continue
-            filled, loss_score, loss_rec, nfe = self._recover(
+            filled, sampled, loss_score, loss_rec, nfe = self._recover(
                 m,
                 feats,
                 mask,
@@ -209,6 +211,8 @@ class IMDer(nn.Module):
             )
             out.nfe += nfe
             out.recovered[m], out.recovered_rows[m] = filled, rows
+            if sampled is not None:
+                out.sampled[m] = sampled
             fused_inputs[m] = feats[m].index_copy(0, rows, filled.to(feats[m].dtype))
             out.loss_score = out.loss_score.index_add(0, rows, loss_score)
             out.loss_rec = out.loss_rec.index_add(0, rows, loss_rec)
@@ -224,22 +228,23 @@ class IMDer(nn.Module):
         seed: int | None,
         noise_rows: tuple[int, Tensor],
         sampler: SamplerConfig | None,
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Recovered features, per-row L_score and L_rec, and NFE for modality m at `rows`;
-        `noise_rows` = (N, where): their rows in the batch of N that the noise stream draws."""
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
+        """Recovered features, the sampler's output (None without one), per-row L_score and
+        L_rec, and NFE for modality m at `rows`; `noise_rows` = (N, where): their rows in the
+        batch of N that the noise stream draws."""
         mode = self.cfg.recovery
         n = rows.numel()
         full, where = noise_rows
         truth = feats[m].index_select(0, rows)  # (n, d, L')
         zero = truth.new_zeros(n)
         if mode == "zero":
-            return torch.zeros_like(truth), zero, zero, 0
+            return torch.zeros_like(truth), None, zero, zero, 0
         if mode == "mean":
-            return self.feature_mean[MODALITIES.index(m)].expand_as(truth), zero, zero, 0
+            return self.feature_mean[MODALITIES.index(m)].expand_as(truth), None, zero, zero, 0
         cond = self.condition(feats, mask, m).index_select(0, rows)
         if mode == "reconstruction":
             rec = self.rec[m](cond)
-            return rec, zero, _mse(rec, truth), 0
+            return rec, None, zero, _mse(rec, truth), 0
         gen, draw = None, None
         if seed is not None:
             gen = torch.Generator(device=truth.device).manual_seed(seed)
@@ -268,9 +273,9 @@ class IMDer(nn.Module):
             )
         sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw, sampler=sampler)
         if mode == "diffusion":
-            return sampled, loss_score, zero, nfe
+            return sampled, sampled, loss_score, zero, nfe
         rec = self.rec[m](sampled)
-        return rec, loss_score, _mse(rec, truth), nfe
+        return rec, sampled, loss_score, _mse(rec, truth), nfe
 
     def loss(self, out: IMDerOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Eq. 20: L_task (L1) + beta (L_score + L_rec), averaged over the batch."""

@@ -46,12 +46,14 @@ def predict(
     modalities are recovered by solving eq. 14 with `sampler` (None: the model's own, the one
     it trained with), so a trained model is evaluated under any solver and step count.
 
-    With `collect`, also returns recovered and true encoded features per missing modality.
+    With `collect`, also returns per missing modality its rows, the recovered features (what
+    the fusion sees), the true encoded features and, with a sampler, its output before D_k.
     """
     model.eval()
     gen = torch.Generator().manual_seed(eval_generator_seed(seed, split))
     preds, nfe = [], 0
-    got: dict[str, Any] = {m: {"rows": [], "recovered": [], "true": []} for m in MODALITIES}
+    keys = ("rows", "recovered", "true", "sampled")
+    got: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in keys} for m in MODALITIES}
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
         inputs, _, masks = data.batch(idx)
@@ -63,10 +65,14 @@ def predict(
                 got[m]["rows"].append((rows + start).cpu())
                 got[m]["recovered"].append(out.recovered[m].float().cpu())  # (n, d, L')
                 got[m]["true"].append(out.features[m].index_select(0, rows).float().cpu())
+                if m in out.sampled:
+                    got[m]["sampled"].append(out.sampled[m].float().cpu())  # (n, d, L')
     extra: dict[str, Any] = {"nfe": nfe}
     if collect:
         extra["recovered"] = {
-            m: {k: torch.cat(v).numpy() for k, v in g.items()} for m, g in got.items() if g["rows"]
+            m: {k: torch.cat(v).numpy() for k, v in g.items() if v}
+            for m, g in got.items()
+            if g["rows"]
         }
     return torch.cat(preds), extra
 
