@@ -398,6 +398,15 @@ def stage_b_result(
     )
 
 
+def pretrain_cache(cache_dir: Path | None, out_dir: Path | None) -> Path:
+    """Where a trial keeps its stage-(a) checkpoints: `cache_dir`, or `out_dir/pretrain-cache`."""
+    if cache_dir:
+        return Path(cache_dir)
+    if out_dir:
+        return Path(out_dir) / "pretrain-cache"
+    raise ValueError("pretraining needs a cache_dir or out_dir to keep its checkpoint")
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -430,10 +439,8 @@ def run_trial(
     dataset = trial_dataset(cfg, dataset)
     pretrained, pretrain_info = None, {}
     if "pretrain" in stages:
-        cache = cache_dir or (Path(out_dir) / "pretrain-cache" if out_dir else None)
-        if cache is None:
-            raise ValueError("pretraining needs a cache_dir or out_dir to keep its checkpoint")
-        pretrained, pretrain_info = run_pretrain(cfg, dataset, Path(cache), reporter, device)
+        cache = pretrain_cache(cache_dir, out_dir)
+        pretrained, pretrain_info = run_pretrain(cfg, dataset, cache, reporter, device)
     if "train" not in stages:
         return pretraining_only(cfg, pretrain_info, time.perf_counter() - t_start)
     model, splits = init_stage_b(cfg, dataset, pretrained, device)
