@@ -37,7 +37,6 @@ from imder_sweep.train.evaluate import (
     evaluate_at_mrs,
     export_recovered_features,
 )
-from imder_sweep.train.evaluate import predict as predict  # re-exported: solver_study.py
 from imder_sweep.train.health import encoded_mean, stage_probe
 from imder_sweep.train.parallel import DataParallel
 from imder_sweep.train.splits import SplitData, prepare_splits
