@@ -44,14 +44,15 @@ from imder_sweep.train.loop import (
     TrialResult,
     export_recovered_features,
     prepare_splits,
+    pretrain_dirname,
     pretrain_key,
     resolve_device,
     run_pretrain,
     run_trial,
 )
+from imder_sweep.train.state import STATE_FILE
 from imder_sweep.util import atomic_write_bytes, nest
 
-STATE_FILE = "state.pt"  # inside a reported checkpoint directory (the loop's `train-state`)
 PRETRAIN_FILES = ("model.pt", "meta.json")
 # A TorchTrainer-driving trial needs no CPU of its own, but a request of nothing at all is
 # refused ("Cannot initialize a ResourceRequest with an empty head and zero worker bundles").
@@ -64,11 +65,6 @@ class PretrainBlob:
 
     key: str
     files: dict[str, bytes]
-
-
-def pretrain_dirname(key: str) -> str:
-    """The folder of one pretraining checkpoint in a cache, where `run_pretrain` looks for it."""
-    return f"pretrain-{key}"
 
 
 @dataclass(frozen=True)
