@@ -38,12 +38,18 @@ def score_matching_loss(
     *,
     condition_noise: Literal["same", "independent", "clean"] = "same",
     z_cond: Tensor | None = None,
+    sigma_data: Tensor | None = None,
 ) -> Tensor:
     """Per-example conditional score-matching loss (eq. 13), shape (B,).
 
     loss_i = sum over all non-batch dims of (std(t_i) s(x_i(t_i), c_i(t_i), t_i) + z_i)^2, where the
     condition c(t) is perturbed with the same z as x (the release), with its own `z_cond`
     ("independent"), or not at all ("clean").
+
+    With `sigma_data` (EDM preconditioning) each term is weighted by (std^2 + sigma_data^2) /
+    sigma_data^2: since std s + z = (D(x) - x0) / std, that is Karras et al.'s loss weight
+    lambda = (std^2 + sigma_data^2) / (std sigma_data)^2 on ||D(x) - x0||^2, under which the
+    network's own target has unit weight at every noise level.
     """
     mean, std = sde.marginal_mean_std(x0, t)
     s = batch_broadcast(std, x0)
@@ -58,4 +64,7 @@ def score_matching_loss(
             noise = z_cond
         cond_t = cond + batch_broadcast(std, cond) * noise
     out = score(x_t, t, cond_t)
-    return ((out * s + z) ** 2).flatten(1).sum(dim=1)
+    loss = ((out * s + z) ** 2).flatten(1).sum(dim=1)
+    if sigma_data is None:
+        return loss
+    return loss * (std**2 + sigma_data**2) / sigma_data**2

@@ -143,7 +143,7 @@ def test_the_tape_holds_every_draw_of_the_eager_sampler(model: IMDer, solver: st
     cond = torch.randn(2, 32, model.cfg.feature_len)
     _, nfe = solve(model.score["a"], model.sde, cond, counting, sampler)
     step_noise = {"euler_maruyama": 3, "pc": 3 * (2 + 1)}.get(solver, 0)
-    assert len(drawn) == noise_draws(model.sde, sampler) == 1 + nfe + step_noise
+    assert len(drawn) == noise_draws(model.sde, sampler, True, None) == 1 + nfe + step_noise
 
 
 def test_graph_backend_is_refused_on_cpu(model: IMDer) -> None:

@@ -175,7 +175,7 @@ def test_bad_configs_name_the_field(overrides: dict, needle: str) -> None:
 def test_unet_refuses_unbuildable_length_directly() -> None:
     cfg = reference_mosi().score_net
     with pytest.raises(ValueError, match="feature length 50 is not divisible"):
-        ConditionalScoreUNet(cfg, 32, 50, lambda t: t)
+        ConditionalScoreUNet(cfg, 32, 50, VESDE())
 
 
 def test_width_scales_channels_and_still_builds() -> None:
@@ -239,7 +239,7 @@ def test_widths_in_use_build_with_the_first_level_d_wide() -> None:
     assert {0.25, 0.5, 1.0, 1.5} <= set(widths)
     for width in widths:
         cfg = reference_mosi(score_net={"width": width})
-        net = ConditionalScoreUNet(cfg.score_net, cfg.d_model, cfg.feature_len, lambda t: t)
+        net = ConditionalScoreUNet(cfg.score_net, cfg.d_model, cfg.feature_len, VESDE())
         assert net.down[0].out_channels >= cfg.d_model, width
         assert cfg.score_net.effective_channels(cfg.d_model)[1] == round(64 * width)
 
@@ -253,7 +253,7 @@ def test_narrow_widths_keep_the_first_level_d_wide(width: float) -> None:
     torch.manual_seed(0)
     sde = VESDE(25.0)
     cfg = ScoreNetConfig(channels=(32, 64), width=width, heads=4, time_embed_dim=32, attn_layers=1)
-    net = ConditionalScoreUNet(cfg, 32, 8, sde.marginal_std)
+    net = ConditionalScoreUNet(cfg, 32, 8, sde)
     g = torch.Generator().manual_seed(1)
 
     def per_element_loss(n: int) -> torch.Tensor:

@@ -24,6 +24,9 @@ class SDEConfig(_Config):
 
     kind: Literal["ve"] = "ve"
     sigma: float = Field(25.0, gt=1.0)
+    # Set: sigma is chosen at the start of stage (b) so that std(1) is this multiple of the
+    # training features' std (the largest of the three modalities'); `sigma` is then unused.
+    sigma_from_data: float | None = Field(None, gt=0.0)
 
 
 class SamplerConfig(_Config):
@@ -40,6 +43,19 @@ class SamplerConfig(_Config):
     # The rows missing a modality are padded to bucket * 2^k rows (static shapes); None: no
     # padding under eager, 8 under graph and compile.
     bucket: int | None = Field(None, ge=1)
+    # Set: above this time the sampler uses the analytic score of N(mean, var + std(t)^2), the
+    # training features' per-element mean and variance, instead of the network (no NFE there).
+    prior_score_above: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _prior_on_host(self) -> SamplerConfig:
+        if self.prior_score_above is not None and self.backend == "graph":
+            raise ValueError(
+                f"sampler.prior_score_above={self.prior_score_above} picks the network or the "
+                "prior per step on the host, which a captured CUDA graph cannot: use "
+                "sampler.backend='compile' or 'eager' with it"
+            )
+        return self
 
     @field_validator("solver")
     @classmethod
@@ -72,6 +88,12 @@ class ScoreNetConfig(_Config):
     causal: bool = True
     first_norm_groups: int | None = Field(None, ge=1)
     norm_groups: int | None = Field(None, ge=1)
+    # Set: the sampler (and so D_k's training input) uses an exponential moving average of the
+    # score net's weights with this decay, as score_sde does; training updates the net itself.
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+    # release: the UNet's output divided by std(t) is the score (as published); edm: Karras et
+    # al. (2022)'s preconditioning, the UNet predicts a denoised x and the score is derived.
+    parameterization: Literal["release", "edm"] = "release"
 
     @field_validator("channels")
     @classmethod

@@ -10,8 +10,11 @@ sample gets never depends on which other samples share its batch.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +25,9 @@ from imder_sweep.modalities import MODALITIES
 from imder_sweep.model.config import ModelConfig, SamplerConfig
 from imder_sweep.model.fusion import MulTFusion
 from imder_sweep.model.reconstruction import Reconstruction
-from imder_sweep.model.recovery import StaticRecovery, bucket_size, solve
+from imder_sweep.model.recovery import PriorScore, StaticRecovery, bucket_size, solve
 from imder_sweep.model.score_net import ConditionalScoreUNet
-from imder_sweep.sde import build_sde
+from imder_sweep.sde import VESDE, build_sde
 
 # The two modalities that condition the recovery of each one, in the release's concat order.
 CONDITIONS: dict[str, tuple[str, str]] = {"l": ("v", "a"), "a": ("l", "v"), "v": ("l", "a")}
@@ -83,14 +86,16 @@ class IMDer(nn.Module):
         uses_rec = cfg.recovery in ("diffusion+reconstruction", "reconstruction")
         self.score = (
             nn.ModuleDict(
-                {
-                    m: ConditionalScoreUNet(cfg.score_net, d, length, self.sde.marginal_std)
-                    for m in MODALITIES
-                }
+                {m: ConditionalScoreUNet(cfg.score_net, d, length, self.sde) for m in MODALITIES}
             )
             if uses_score
             else None
         )
+        # The EMA copy the sampler uses (score_net.ema); never trained by the optimiser.
+        self.score_ema = None
+        if self.score is not None and cfg.score_net.ema is not None:
+            self.score_ema = copy.deepcopy(self.score).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.rec = (
             nn.ModuleDict({m: Reconstruction(cfg.reconstruction, d) for m in MODALITIES})
             if uses_rec
@@ -103,6 +108,77 @@ class IMDer(nn.Module):
         ] = {}
         # Training-set mean of the encoded features, for the "mean" baseline (set by the trainer).
         self.register_buffer("feature_mean", torch.zeros(len(MODALITIES), d, length))
+        if self.needs_feature_stats:
+            # ... and their variance, for the prior score, EDM's sigma_data and sigma_from_data.
+            self.register_buffer("feature_var", torch.ones(len(MODALITIES), d, length))
+        if cfg.sde.sigma_from_data is not None:
+            self.register_buffer("sde_sigma", torch.tensor(cfg.sde.sigma, dtype=torch.float64))
+            self.register_load_state_dict_post_hook(_apply_loaded_sigma)
+
+    @property
+    def needs_feature_stats(self) -> bool:
+        """Whether recovery reads the training features' mean and variance (set_feature_stats)."""
+        c = self.cfg
+        return self.score is not None and (
+            c.sampler.prior_score_above is not None
+            or c.score_net.parameterization == "edm"
+            or c.sde.sigma_from_data is not None
+        )
+
+    def set_feature_stats(self, mean: Tensor, var: Tensor) -> None:
+        """The training split's per-element mean and variance of the encoded features, both
+        (3, d, L') in l, a, v order, set once at the start of stage (b) (encoders frozen):
+        the mean baseline's fill, the prior score's Gaussian, EDM's sigma_data (each
+        modality's RMS) and, with `sde.sigma_from_data`, the SDE's sigma."""
+        self.feature_mean.copy_(mean)
+        if not self.needs_feature_stats:
+            return
+        self.feature_var.copy_(var)
+        if self.cfg.score_net.parameterization == "edm":
+            rms = (var + mean**2).flatten(1).mean(dim=1).sqrt()  # (3,)
+            for nets in (self.score, self.score_ema):
+                for k, m in enumerate(MODALITIES):
+                    if nets is not None:
+                        nets[m].sigma_data.fill_(float(rms[k]))
+        if self.cfg.sde.sigma_from_data is not None:
+            std = float(var.flatten(1).mean(dim=1).sqrt().max())
+            self.sde_sigma.fill_(sigma_for_prior_std(self.cfg.sde.sigma_from_data * std))
+            self.set_sigma(float(self.sde_sigma))
+
+    def set_sigma(self, sigma: float) -> None:
+        """Replace the VE SDE by one of this sigma, in the model and every score net."""
+        self.sde = VESDE(sigma)
+        for nets in (self.score, self.score_ema):
+            for net in (nets or {}).values():
+                net.sde = self.sde
+        self._static.clear()
+
+    def sampling_net(self, m: str) -> nn.Module:
+        """The score net the sampler uses for modality m: the EMA copy when there is one."""
+        if self.score is None:
+            raise RuntimeError(f"recovery mode {self.cfg.recovery!r} has no score network")
+        return (self.score_ema or self.score)[m]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step after an optimiser step: decay min(ema, (1 + n) / (10 + n)) at update n,
+        so the average follows the early, fast-moving weights (a no-op without EMA)."""
+        if self.score_ema is None:
+            return
+        n = int(self.ema_updates)
+        decay = min(self.cfg.score_net.ema, (1 + n) / (10 + n))
+        for avg, p in zip(self.score_ema.parameters(), self.score.parameters(), strict=True):
+            avg.lerp_(p, 1.0 - decay)
+        self.ema_updates += 1
+
+    @torch.no_grad()
+    def reset_ema(self) -> None:
+        """Start the average again from the current weights (after the score warm-up)."""
+        if self.score_ema is None:
+            return
+        for avg, p in zip(self.score_ema.parameters(), self.score.parameters(), strict=True):
+            avg.copy_(p)
+        self.ema_updates.zero_()
 
     def encode(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Shallow features E_k (sec 3.3): modality -> (B, L, D_k) to modality -> (B, d, L')."""
@@ -134,22 +210,36 @@ class IMDer(nn.Module):
         """Recover x~_k by solving eq. 14 from the prior, conditioned on `cond` (n, d, L'), with
         `sampler` (None: the model's own `cfg.sampler`, the one D_k trains on).
 
-        The condition is re-noised to the current time at every score evaluation, as released.
+        The condition is re-noised to the current time at every score evaluation, as released,
+        unless the score nets train on a clean one (`score_loss.condition_noise: clean`): the
+        sampler then conditions on it clean too. The EMA net samples when there is one.
         With a bucket (always under the graph and compile backends) the n rows run padded on
         static buffers (`recovery.StaticRecovery`), one set per (modality, bucket, sampler).
         """
-        if self.score is None:
-            raise RuntimeError(f"recovery mode {self.cfg.recovery!r} has no score network")
+        net = self.sampling_net(target)
         scfg = sampler or self.cfg.sampler
         draw = noise or _plain_noise
+        renoise = self.cfg.score_loss.condition_noise != "clean"
+        prior = None
+        if scfg.prior_score_above is not None:
+            prior = PriorScore(*self._stats(target), scfg.prior_score_above)
         bucket = scfg.effective_bucket()
         if bucket is None:
-            return solve(self.score[target], self.sde, cond, draw, scfg)
+            return solve(net, self.sde, cond, draw, scfg, renoise, prior)
         size = bucket_size(cond.shape[0], bucket)
         key = (target, scfg, size, cond.device, cond.dtype)
         if key not in self._static:
-            self._static[key] = StaticRecovery(self.score[target], self.sde, scfg, size, cond)
+            self._static[key] = StaticRecovery(net, self.sde, scfg, size, cond, renoise, prior)
         return self._static[key](cond, draw)
+
+    def _stats(self, m: str) -> tuple[Tensor, Tensor]:
+        if not hasattr(self, "feature_var"):
+            raise RuntimeError(
+                "a sampler with prior_score_above needs the training features' variance, which "
+                "this model does not keep: set model.sampler.prior_score_above in its config"
+            )
+        k = MODALITIES.index(m)
+        return self.feature_mean[k], self.feature_var[k]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> IMDer:
         # Moving or casting the weights invalidates the static buffers and captured graphs.
@@ -261,6 +351,7 @@ class IMDer(nn.Module):
             )
             z = draw(truth)
             z_cond = draw(truth) if self.cfg.score_loss.condition_noise == "independent" else None
+            edm = self.cfg.score_net.parameterization == "edm"
             loss_score = score_matching_loss(
                 self.score[m],
                 self.sde,
@@ -270,6 +361,7 @@ class IMDer(nn.Module):
                 cond,
                 condition_noise=self.cfg.score_loss.condition_noise,
                 z_cond=z_cond,
+                sigma_data=self.score[m].sigma_data if edm else None,
             )
         sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw, sampler=sampler)
         if mode == "diffusion":
@@ -283,6 +375,28 @@ class IMDer(nn.Module):
         score, rec = out.loss_score.mean(), out.loss_rec.mean()
         total = task + self.cfg.beta * (score + rec)
         return total, {"task": task.detach(), "score": score.detach(), "rec": rec.detach()}
+
+
+def sigma_for_prior_std(std1: float) -> float:
+    """The VE SDE's sigma whose std(1) = sqrt((sigma^2 - 1) / (2 ln sigma)) (eq. 14) is `std1`,
+    by bisection on log sigma (std(1) rises with sigma from 1 at sigma -> 1)."""
+    if not std1 > 1.0:
+        raise ValueError(
+            f"sde.sigma_from_data asks for a prior std(1) of {std1:.4g}, but the VE SDE's std(1) "
+            "exceeds 1 at every sigma > 1: raise sde.sigma_from_data"
+        )
+    lo, hi = 1e-9, 1.0
+    while math.sqrt(math.expm1(2 * hi) / (2 * hi)) < std1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.sqrt(math.expm1(2 * mid) / (2 * mid)) < std1 else (lo, mid)
+    return math.exp((lo + hi) / 2)
+
+
+def _apply_loaded_sigma(module: nn.Module, incompatible: Any) -> None:
+    # A loaded checkpoint brings the sigma chosen from its training data.
+    module.set_sigma(float(module.sde_sigma))
 
 
 def _mse(pred: Tensor, truth: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """Solving eq. 14 for one modality: the eager path and the static-shape path (issue 17).
 
 `solve` is the sampler as released: x(T) = std(T) z, then the registered solver of
-`imder_sweep.samplers` with the condition re-noised to the current time at every score evaluation.
+`imder_sweep.samplers` with the condition re-noised to the current time at every score evaluation
+(or kept clean, and the analytic prior score used at high noise, when so configured).
 
 `StaticRecovery` runs the same `solve` on fixed buffers for one (modality, bucket, sampler): the
 rows missing the modality are padded to the bucket size, the padded rows copy row 0 and are
@@ -17,13 +18,14 @@ replays it for every batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from imder_sweep.model.config import SamplerConfig
-from imder_sweep.samplers import NoiseFn, ScoreFn, StepContext, check_arguments, run_solver
+from imder_sweep.samplers import NoiseFn, StepContext, check_arguments, run_solver
 from imder_sweep.sde import SDE
 
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -34,28 +36,68 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True,
 RECOMPILE_LIMIT = 64
 
 
-def bind_score(net: Net, sde: SDE, cond: Tensor, noise: NoiseFn) -> ScoreFn:
-    """score_fn(x, t) = s_k(x, t, c(t)) (eq. 19): the condition (n, d, L') re-noised to time t
-    with a fresh draw at every evaluation, as the published sampler does."""
+@dataclass(frozen=True)
+class PriorScore:
+    """The analytic score of the data's marginal Gaussian N(mean, var + std(t)^2), used above
+    time `above` instead of the network (`sampler.prior_score_above`); no condition."""
 
-    def score_fn(x: Tensor, t: Tensor) -> Tensor:
-        std = sde.marginal_std(t)[:, None, None]
-        return net(x, t, cond + std * noise(cond))
+    mean: Tensor  # (d, L') per-element mean of the training features of the modality
+    var: Tensor  # (d, L') their per-element variance
+    above: float
 
-    return score_fn
+    def __call__(self, x: Tensor, std: Tensor) -> Tensor:
+        # x: (n, d, L'); std: (n, 1, 1)
+        return -(x - self.mean) / (self.var + std**2)
+
+
+class BoundScore:
+    """score_fn(x, t) = s_k(x, t, c(t)) (eq. 19) for one run of the sampler, counting the
+    network's evaluations (the NFE; the prior score above `prior.above` costs none).
+
+    `renoise`: the condition (n, d, L') is re-noised to time t with a fresh draw at every
+    evaluation, as the published sampler does (the release trains on a perturbed condition);
+    without it the network sees the clean condition, as `condition_noise: clean` trains it."""
+
+    def __init__(
+        self,
+        net: Net,
+        sde: SDE,
+        cond: Tensor,
+        noise: NoiseFn,
+        renoise: bool,
+        prior: PriorScore | None,
+    ) -> None:
+        self.net, self.sde, self.cond, self.noise = net, sde, cond, noise
+        self.renoise, self.prior, self.net_calls = renoise, prior, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        std = self.sde.marginal_std(t)[:, None, None]
+        # One host read of t per evaluation (the grid is the same for every row).
+        if self.prior is not None and float(t[0]) > self.prior.above:
+            return self.prior(x, std)
+        self.net_calls += 1
+        cond = self.cond + std * self.noise(self.cond) if self.renoise else self.cond
+        return self.net(x, t, cond)
 
 
 def solve(
-    net: Net, sde: SDE, cond: Tensor, noise: NoiseFn, sampler: SamplerConfig
+    net: Net,
+    sde: SDE,
+    cond: Tensor,
+    noise: NoiseFn,
+    sampler: SamplerConfig,
+    renoise: bool = True,
+    prior: PriorScore | None = None,
 ) -> tuple[Tensor, int]:
-    """x~_k (n, d, L') and the NFE: eq. 14 solved from x(T) = std(T) z, conditioned on `cond`."""
+    """x~_k (n, d, L') and the NFE (network evaluations): eq. 14 solved from x(T) = std(T) z,
+    conditioned on `cond` (see `BoundScore` for `renoise` and `prior`)."""
     solver = check_arguments(sde, sampler.solver, sampler.steps, sampler.eps)
-    score_fn = bind_score(net, sde, cond, noise)
+    score_fn = BoundScore(net, sde, cond, noise, renoise, prior)
     ctx = StepContext(score_fn, sde, noise, sampler.snr, sampler.corrector_steps)
     with torch.no_grad():
         x_T = noise(cond) * sde.prior_std()
         res = run_solver(solver, ctx, x_T, sampler.steps, sampler.eps)
-    return res.x, res.nfe
+    return res.x, score_fn.net_calls
 
 
 def bucket_size(n: int, bucket: int) -> int:
@@ -81,7 +123,7 @@ class Tape:
         return z
 
 
-def noise_draws(sde: SDE, sampler: SamplerConfig) -> int:
+def noise_draws(sde: SDE, sampler: SamplerConfig, renoise: bool, prior: PriorScore | None) -> int:
     """Noise draws of one `solve`, counted by running it on a (1, 1, 1) state with a zero score."""
     draws = 0
 
@@ -90,7 +132,9 @@ def noise_draws(sde: SDE, sampler: SamplerConfig) -> int:
         draws += 1
         return torch.zeros_like(like)
 
-    solve(lambda x, t, c: torch.zeros_like(x), sde, torch.zeros(1, 1, 1), count, sampler)
+    zero = torch.zeros(1, 1, 1)
+    flat = None if prior is None else PriorScore(zero[0], zero[0] + 1, prior.above)
+    solve(lambda x, t, c: torch.zeros_like(x), sde, zero, count, sampler, renoise, flat)
     return draws
 
 
@@ -108,14 +152,23 @@ class StaticRecovery:
     returns the n recovered rows and the NFE."""
 
     def __init__(
-        self, net: nn.Module, sde: SDE, sampler: SamplerConfig, size: int, like: Tensor
+        self,
+        net: nn.Module,
+        sde: SDE,
+        sampler: SamplerConfig,
+        size: int,
+        like: Tensor,
+        renoise: bool = True,
+        prior: PriorScore | None = None,
     ) -> None:
         # like: (n, d, L'), a condition of the dtype and device to run on
         check_backend(sampler, like.device)
         self.net: Net = net
         self.sde, self.sampler, self.size = sde, sampler, size
+        self.renoise, self.prior = renoise, prior
         self.cond = like.new_zeros(size, *like.shape[1:])
-        self.tape = like.new_zeros(noise_draws(sde, sampler), size, *like.shape[1:])
+        draws = noise_draws(sde, sampler, renoise, prior)
+        self.tape = like.new_zeros(draws, size, *like.shape[1:])
         self.nfe = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
@@ -134,7 +187,9 @@ class StaticRecovery:
 
     def loop(self) -> Tensor:
         """The solver loop on the static buffers, (b, d, L')."""
-        x, self.nfe = solve(self.net, self.sde, self.cond, Tape(self.tape), self.sampler)
+        x, self.nfe = solve(
+            self.net, self.sde, self.cond, Tape(self.tape), self.sampler, self.renoise, self.prior
+        )
         return x
 
     def _capture(self) -> None:

@@ -3,14 +3,16 @@
 A 1-D UNet over (B, d, L). Each level adds a cross-modal transformer (query: the noisy features,
 key/value: the condition), the time embedding through its own Linear, then GroupNorm and swish. The
 condition travels down and up the UNet through its own strided and transposed convolutions, so
-it always has the resolution of the level it conditions. The output is divided by std(t).
-The network knows nothing of sampling: samplers see it only through a bound `score_fn(x, t)`.
+it always has the resolution of the level it conditions. As released, the output divided by
+std(t) is the score; under `parameterization: edm` (Karras et al. 2022, their eq. 7 and table 1
+for the VE SDE) the UNet F predicts a denoised D(x) = c_skip x + c_out F(c_in x) and the score is
+(D(x) - x) / std(t)^2, so the samplers are unchanged. The network knows nothing of sampling:
+samplers see it only through a bound `score_fn(x, t)`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from imder_sweep.model.config import ScoreNetConfig, unet_norm_groups, unet_problems
 from imder_sweep.model.transformer import TransformerEncoder
+from imder_sweep.sde import SDE
 
 
 class GaussianFourierTime(nn.Module):
@@ -60,7 +63,7 @@ class ConditionalScoreUNet(nn.Module):
         cfg: ScoreNetConfig,
         d_model: int,
         length: int,
-        marginal_std: Callable[[Tensor], Tensor],
+        sde: SDE,
     ) -> None:
         super().__init__()
         problems = unet_problems(cfg, d_model, length)
@@ -68,7 +71,11 @@ class ConditionalScoreUNet(nn.Module):
             raise ValueError("; ".join(problems))
         ch = cfg.effective_channels(d_model)
         enc_groups, dec_groups = unet_norm_groups(cfg, d_model)
-        self.marginal_std = marginal_std
+        self.sde = sde  # the model's; IMDer swaps it when sigma is chosen from the data
+        self.parameterization = cfg.parameterization
+        if cfg.parameterization == "edm":
+            # sigma_data of EDM: the RMS of the modality's features (IMDer.set_feature_stats).
+            self.register_buffer("sigma_data", torch.ones(()))
         self.time = nn.Sequential(
             GaussianFourierTime(cfg.time_embed_dim, cfg.fourier_scale),
             nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim),
@@ -106,6 +113,17 @@ class ConditionalScoreUNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         # x, cond: (B, d, L); t: (B,) -> score (B, d, L)
+        std = self.sde.marginal_std(t)[:, None, None]  # (B, 1, 1)
+        if self.parameterization == "release":
+            return self.unet(x, t, cond) / std
+        sd2 = self.sigma_data**2
+        total = torch.sqrt(std**2 + sd2)
+        c_skip, c_out, c_in = sd2 / total**2, std * self.sigma_data / total, 1.0 / total
+        denoised = c_skip * x + c_out * self.unet(c_in * x, t, cond)
+        return (denoised - x) / std**2
+
+    def unet(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The UNet's raw output (B, d, L): std(t) x the score as released, F under edm."""
         embed = F.silu(self.time(t))  # (B, E)
         skips: list[Tensor] = []
         h = x
@@ -128,5 +146,4 @@ class ConditionalScoreUNet(nn.Module):
         h = self.out(h if not skips else torch.cat([h, skips.pop()], dim=1))
         if cond is not None:
             cond = self.cond_out(cond)
-        h = self.out_level(h, cond, embed)
-        return h / self.marginal_std(t)[:, None, None]
+        return self.out_level(h, cond, embed)

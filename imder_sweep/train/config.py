@@ -87,6 +87,9 @@ class TrainConfig(_Config):
     # Recovery health (health_*, dsm_*) at every validation evaluation of stage (b); it never
     # changes training, and costs a few per cent of an epoch (docs/recovery-health.md).
     recovery_health: bool = True
+    # Epochs of denoising score matching alone on the complete training data before stage (b)
+    # (`train.warmup.score_warmup`); 0: none, as released.
+    score_warmup_epochs: int = Field(0, ge=0)
 
 
 # The released training settings per preset: a preset sets these unless the config gives them.
@@ -122,6 +125,18 @@ class TrialConfig(_Config):
         if isinstance(train, dict):
             data = {**data, "train": deep_merge(REFERENCE_TRAIN.get(preset, {}), train)}
         return data
+
+    @model_validator(mode="after")
+    def _warmup_needs_score_nets(self) -> TrialConfig:
+        if self.train.score_warmup_epochs and self.model.recovery not in (
+            "diffusion+reconstruction",
+            "diffusion",
+        ):
+            raise ValueError(
+                f"train.score_warmup_epochs={self.train.score_warmup_epochs} warms up score "
+                f"nets, which model.recovery={self.model.recovery!r} has none of: set it to 0"
+            )
+        return self
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -35,15 +35,23 @@ def health_generator_seed(seed: int, split: str, modality: str) -> int:
 
 
 @torch.no_grad()
-def encoded_mean(model: IMDer, data: SplitData) -> Tensor:
-    """Mean over the samples of `data` of the encoded features, (3, d, L') in l, a, v order:
-    the "mean" baseline's fill and the reference that health's R^2 is measured against. The
-    encoders run in eval mode (no dropout draw); the model's mode is restored."""
+def encoded_stats(model: IMDer, data: SplitData) -> tuple[Tensor, Tensor]:
+    """Per-element mean and (population) variance over the samples of `data` of the encoded
+    features, each (3, d, L') in l, a, v order: the "mean" baseline's fill and the reference
+    that health's R^2 is measured against, and the Gaussian of the prior score. The encoders
+    run in eval mode (no dropout draw); the model's mode is restored."""
     was_training = model.training
     model.eval()
     feats = model.encode(data.inputs)  # modality -> (N, d, L')
     model.train(was_training)
-    return torch.stack([feats[m].mean(dim=0) for m in MODALITIES])
+    mean = torch.stack([feats[m].mean(dim=0) for m in MODALITIES])
+    var = torch.stack([feats[m].var(dim=0, correction=0) for m in MODALITIES])
+    return mean, var
+
+
+def encoded_mean(model: IMDer, data: SplitData) -> Tensor:
+    """The mean of `encoded_stats`, (3, d, L')."""
+    return encoded_stats(model, data)[0]
 
 
 @torch.no_grad()
@@ -128,14 +136,15 @@ class HealthProbe:
 
     def denoising(self, model: IMDer, data: SplitData) -> dict[str, float]:
         """`dsm_{m}_t{t}` and `dsm_gauss_{m}_t{t}` per missing modality (eqs. 13, 18 on the
-        rows of `data` that miss m), and `dsm_zero`, each modality on its own fixed noise."""
+        rows of `data` that miss m), and `dsm_zero`, each modality on its own fixed noise; of the
+        net the sampler uses (the EMA copy when there is one)."""
         model.eval()
         out: dict[str, float] = {}
         for m, (x0, cond) in missing_targets(model, data, self.batch_size).items():
             gen = torch.Generator(device=x0.device)
             gen.manual_seed(health_generator_seed(self.seed, self.split, m))
             by_time = denoising_loss_by_time(
-                model.score[m],
+                model.sampling_net(m),
                 model.sde,
                 x0,
                 cond,

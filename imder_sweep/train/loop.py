@@ -37,10 +37,11 @@ from imder_sweep.train.evaluate import (
     evaluate_at_mrs,
     export_recovered_features,
 )
-from imder_sweep.train.health import encoded_mean, stage_probe
+from imder_sweep.train.health import encoded_stats, stage_probe
 from imder_sweep.train.parallel import DataParallel
 from imder_sweep.train.splits import SplitData, prepare_splits
 from imder_sweep.train.state import STATE_FILE, LoopState, Progress, atomic_torch_save
+from imder_sweep.train.warmup import score_warmup
 from imder_sweep.util import atomic_write_json
 
 # Modules stage (a) trains; stage (b) starts from them.
@@ -148,6 +149,7 @@ def train_epoch(
         if cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(params, cfg.train.grad_clip)
         opt.step()
+        model.update_ema()
         seen += n
         nfe += out.nfe
         sums["loss"] += float(loss.detach()) * n
@@ -344,8 +346,8 @@ def init_stage_b(
     if cfg.train.freeze_encoders:
         model.encoders.requires_grad_(False)
     splits = prepare_splits(dataset, cfg, device)
-    if cfg.model.recovery == "mean":
-        model.feature_mean.copy_(encoded_mean(model, splits["train"]))
+    if cfg.model.recovery == "mean" or model.needs_feature_stats:
+        model.set_feature_stats(*encoded_stats(model, splits["train"]))
     return model, splits
 
 
@@ -397,6 +399,25 @@ def stage_b_result(
     )
 
 
+WARMUP_FILE = "score-warmup.json"
+
+
+def warm_up(
+    cfg: TrialConfig, model: IMDer, train: SplitData, resumed: bool, state_dir: Path | None
+) -> dict[str, Any]:
+    """The score warm-up before stage (b) (`train.warmup`) and its record, kept in `state_dir`;
+    a resumed stage's state already holds the warmed-up nets, so it reads the record back."""
+    if not cfg.train.score_warmup_epochs:
+        return {}
+    path = state_dir / WARMUP_FILE if state_dir is not None else None
+    if resumed:
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    record = score_warmup(model, train, cfg)
+    if path is not None:
+        atomic_write_json(path, record)
+    return record
+
+
 def pretrain_cache(cache_dir: Path | None, out_dir: Path | None) -> Path:
     """Where a trial keeps its stage-(a) checkpoints: `cache_dir`, or `out_dir/pretrain-cache`."""
     if cache_dir:
@@ -445,6 +466,7 @@ def run_trial(
     model, splits = init_stage_b(cfg, dataset, pretrained, device)
     resume = LoopState.load(resume_state, device) if resume_state else None
     state_dir = Path(out_dir) if out_dir else None
+    warmup = warm_up(cfg, model, splits["train"], resume is not None, state_dir)
     progress = fit_stage(
         "train", model, splits, cfg, cfg.train.epochs, reporter, state_dir, resume, parallel
     )
@@ -452,7 +474,7 @@ def run_trial(
     eval_bs = eval_batch_size(cfg.train)
     # Once, on the best checkpoint; then, if asked, at other test missing rates.
     test = evaluate(model, splits["test"], eval_bs, cfg.seed, "test") if evaluate_test else {}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"score_warmup": warmup} if warmup else {}
     if test_mrs:
         mask_seed = cfg.seed if robustness_seed is None else robustness_seed
         extra["robustness"] = evaluate_at_mrs(

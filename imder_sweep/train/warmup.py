@@ -1,0 +1,109 @@
+"""Score warm-up (`train.score_warmup_epochs`): denoising score matching alone (eqs. 13, 18) on
+the complete training data, before stage (b).
+
+In stage (b) a score net s_k learns only from the samples that miss k, while the sampler runs
+inside every step. The warm-up trains every s_k on every training sample instead: modality k is
+the target, conditioned on the sample's other two modalities with missing ones simulated (both
+kept, or only one, each with probability 1/3), no sampler in the loop, so an epoch costs a few
+forward passes of the nets. It trains the score nets and the condition's pair convolutions with
+their own Adam; the EMA copy (`score_net.ema`) follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from imder_sweep.losses import sample_time, score_matching_loss
+from imder_sweep.modalities import MODALITIES
+from imder_sweep.model import IMDer
+from imder_sweep.train.config import TrialConfig
+from imder_sweep.train.splits import SplitData
+
+
+def warmup_seed(seed: int) -> int:
+    """The warm-up's own stream (orders, times, noise, simulated masks), apart from training's."""
+    digest = hashlib.sha256(f"score-warmup\0{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def simulated_mask(target: int, batch: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """(B, 3) availability with `target` missing and, of the other two, both kept or one of
+    them, each pattern with probability 1/3."""
+    others = [k for k in range(len(MODALITIES)) if k != target]
+    pattern = torch.randint(0, 3, (batch,), generator=gen, device=device)
+    mask = torch.zeros(batch, len(MODALITIES), dtype=torch.bool, device=device)
+    mask[:, others[0]] = pattern != 2  # pattern 0: both, 1: only the first, 2: only the second
+    mask[:, others[1]] = pattern != 1
+    return mask
+
+
+def warmup_loss(model: IMDer, feats: dict[str, Tensor], gen: torch.Generator) -> Tensor:
+    """Eq. 13 summed over the three modalities as targets, averaged over the batch."""
+    cfg = model.cfg
+    edm = cfg.score_net.parameterization == "edm"
+    total = torch.zeros((), device=feats["l"].device)
+    for k, m in enumerate(MODALITIES):
+        x0 = feats[m]
+        n, device = x0.shape[0], x0.device
+        cond = model.condition(feats, simulated_mask(k, n, gen, device), m)
+        t = sample_time(n, cfg.score_loss.t_eps, device=device, generator=gen)
+        z = torch.randn(x0.shape, device=device, generator=gen)
+        independent = cfg.score_loss.condition_noise == "independent"
+        z_cond = torch.randn(x0.shape, device=device, generator=gen) if independent else None
+        loss = score_matching_loss(
+            model.score[m],
+            model.sde,
+            x0,
+            t,
+            z,
+            cond,
+            condition_noise=cfg.score_loss.condition_noise,
+            z_cond=z_cond,
+            sigma_data=model.score[m].sigma_data if edm else None,
+        )
+        total = total + loss.mean()
+    return total
+
+
+def score_warmup(model: IMDer, train: SplitData, cfg: TrialConfig) -> dict[str, Any]:
+    """Run `cfg.train.score_warmup_epochs` epochs of the warm-up on `train` (masks ignored:
+    every sample is complete); returns its record: per-epoch mean loss per element and the
+    seconds, in total and per epoch."""
+    assert model.score is not None, "TrialConfig refuses a warm-up without score nets"
+    tc, device = cfg.train, train.labels.device
+    params = [*model.score.parameters(), *model.pair_convs.parameters()]
+    opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(warmup_seed(cfg.seed))
+    order_gen = torch.Generator().manual_seed(warmup_seed(cfg.seed))
+    elements = model.cfg.d_model * model.cfg.feature_len * len(MODALITIES)
+    losses: list[float] = []
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(tc.score_warmup_epochs):
+        order, total, seen = torch.randperm(len(train), generator=order_gen), 0.0, 0
+        for start in range(0, len(order), tc.batch_size):
+            inputs, _, _ = train.batch(order[start : start + tc.batch_size].to(device))
+            with torch.no_grad():
+                feats = model.encode(inputs)
+            loss = warmup_loss(model, feats, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_value_(params, tc.grad_clip)
+            opt.step()
+            model.update_ema()
+            total += float(loss.detach()) * len(inputs["l"])
+            seen += len(inputs["l"])
+        losses.append(total / max(seen, 1) / elements)
+    seconds = time.perf_counter() - t0
+    return {
+        "epochs": tc.score_warmup_epochs,
+        "loss_per_element": losses,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(tc.score_warmup_epochs, 1),
+    }
