@@ -10,7 +10,8 @@ Euler-Maruyama sampler and score network in the same process, so a noisy machine
 with like; our matching lines then carry `speedup_vs_same_session_reference`. `--cases solvers`
 runs the few-step solver study (`imder_sweep.solver_study`); `--cases gpu` the GPU fast-path check
 (`imder_sweep.bench_gpu`: every sampler backend, train steps, epochs, memory, CUDA-event timings),
-`--tiny` a seconds-long version of it.
+`--tiny` a seconds-long version of it. `--cases probe,recovery` runs the recovery options study
+(`imder_sweep.recovery_study`: the controlled probe, then whole trials per option and MR).
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ def bench_params(device: torch.device, repeat: int) -> list[dict]:
     ]
 
 
-CASES = ("params", "reference", "sampler", "train", "memory", "solvers", "gpu")
+CASES = ("params", "reference", "sampler", "train", "memory", "solvers", "gpu", "probe", "recovery")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -396,6 +397,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(BACKENDS),
         help=f"gpu case: sampler backends to run, of {', '.join(BACKENDS)} (the others' rows "
         "print as skipped)",
+    )
+    parser.add_argument(
+        "--recovery-out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="recovery case: append each trial to FILE (JSON lines) and skip those already there",
+    )
+    parser.add_argument("--recovery-seeds", default="0,1,2,3,4", help="recovery case: seeds")
+    parser.add_argument("--recovery-mrs", default="0.5,0.3", help="recovery case: missing rates")
+    parser.add_argument("--jobs", type=int, default=1, help="recovery case: trial processes")
+    parser.add_argument(
+        "--recovery-arms", default=None, help="recovery case: arms (default: all of them)"
     )
     args = parser.parse_args(argv)
     args.backend_list = tuple(b for b in BACKENDS if b in args.backends.split(","))
@@ -442,6 +456,25 @@ def jobs_for(args: argparse.Namespace, device: torch.device) -> list[Callable[[]
         from imder_sweep.solver_study import run_solver_study
 
         jobs.append(lambda: run_solver_study(device))
+    if cases & {"probe", "recovery"}:
+        from imder_sweep import recovery_study
+
+        if "probe" in cases:
+            jobs.append(recovery_study.run_probe_study)
+        if "recovery" in cases:
+            seeds = tuple(int(s) for s in args.recovery_seeds.split(","))
+            mrs = tuple(float(m) for m in args.recovery_mrs.split(","))
+            arms = tuple(args.recovery_arms.split(",")) if args.recovery_arms else None
+            jobs.append(
+                lambda: recovery_study.run_recovery_study(
+                    device,
+                    args.recovery_out,
+                    seeds,
+                    mrs,
+                    args.jobs,
+                    arms or tuple(recovery_study.ARMS),
+                )
+            )
     if "gpu" in cases:
         reference = partial(reference_sampler_calls, root) if root is not None else None
         jobs.append(

@@ -219,12 +219,11 @@ def test_a_trial_with_warmup_records_it_and_a_resume_reads_it_back(tmp_path: Pat
     )
     assert again == warm
     assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValidationError, match=r"score_warmup_epochs=1 .*'zero'"):
-        TrialConfig.model_validate(
-            deep_merge(
-                TINY_TRIAL, {"model": {"recovery": "zero"}, "train": {"score_warmup_epochs": 1}}
-            )
-        )
+    # A baseline without score nets ignores the warm-up (a zero-fill variant of a warmed-up
+    # configuration must build and run).
+    zero = _tiny_cfg(score_warmup_epochs=1, pretrain_epochs=1, epochs=1)
+    zero = zero.model_copy(update={"model": zero.model.model_copy(update={"recovery": "zero"})})
+    assert "score_warmup" not in run_trial(zero, out_dir=tmp_path / "zero").extra
 
 
 def test_every_option_trains_a_stage_b_epoch_and_keeps_its_numbers_finite(
@@ -251,3 +250,62 @@ def test_every_option_trains_a_stage_b_epoch_and_keeps_its_numbers_finite(
     assert result.history[0]["nfe"] > 0
     state = torch.load(tmp_path / "all" / "best.pt")["model"]
     assert float(state["sde_sigma"]) != 25.0 and int(state["ema_updates"]) > 0
+
+
+OPTION_KEYS = {
+    "model.score_loss.condition_noise",
+    "model.score_net.parameterization",
+    "model.score_net.ema",
+    "model.sampler.prior_score_above",
+    "train.score_warmup_epochs",
+}
+
+
+def test_recovery_space_searches_every_option_and_its_release_variant_is_the_release() -> None:
+    """search_spaces/recovery.yaml: each option is a searched axis, and the `release` variant
+    puts every one of them back at the published default (TrialConfig's defaults), so the
+    winner-minus-release row compares against the release at the chosen beta / sigma / width."""
+    from imder_sweep.sweep.validation import load_space
+
+    root = Path(__file__).resolve().parents[1]
+    space = load_space(root / "search_spaces" / "recovery.yaml")
+    assert set(space.keys) >= OPTION_KEYS
+    assert {"model.beta", "model.sde.sigma", "model.sampler.steps", "model.score_net.width"} <= set(
+        space.keys
+    )
+    release = space.variants["release"]
+    assert set(release) == OPTION_KEYS
+    defaults = TrialConfig().model_dump()
+    for key, value in release.items():
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    assert space.variants["zero"] == {"model.recovery": "zero"}
+
+
+def test_recovery_study_summary_pairs_each_arm_with_zero_fill_and_the_release() -> None:
+    """The study's summary: seed means and sds, and paired differences (mean, low, high) on
+    the seeds both arms have."""
+    from imder_sweep.recovery_study import summarise
+
+    def record(arm: str, seed: int, acc2: float) -> dict:
+        valid = {"health_r2_a": -1.0 + seed, "dsm_a_t1": 0.5, "dsm_gauss_a_t1": 0.1}
+        return {
+            "arm": arm, "mr": 0.5, "seed": seed,
+            "test": {"acc2": acc2, "f1": acc2, "mae": 1.0 - acc2},
+            "valid": valid, "seconds_per_epoch": 2.0, "warmup_seconds_per_epoch": None,
+        }  # fmt: skip
+
+    records = [record("zero", s, 0.6 + 0.01 * s) for s in range(3)]
+    records += [record("best", s, 0.7 + 0.02 * s) for s in range(3)]
+    records += [record("release", s, 0.65) for s in range(2)]
+    rows = {r["arm"]: r for r in summarise(records, (0.5,))}
+    best = rows["best"]
+    assert best["acc2"] == pytest.approx(0.72) and best["acc2_sd"] == pytest.approx(0.02)
+    mean, low, high = best["acc2_minus_zero"]
+    assert mean == pytest.approx(0.11) and low < mean < high
+    assert best["acc2_minus_release"][0] == pytest.approx(0.06)  # seeds 0 and 1 only
+    assert "acc2_minus_zero" not in rows["zero"]
+    assert best["health_r2_a"] == pytest.approx(0.0)
+    assert best["dsm_t1"] == 0.5 and best["dsm_gauss_t1"] == pytest.approx(0.1)

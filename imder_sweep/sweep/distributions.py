@@ -1,7 +1,7 @@
 """The distributions a space file searches a key over, each validated, probed and described here,
 and each its own Optuna distribution::
 
-    model.score_net.width: {choice: [0.5, 1.0]}           # any YAML scalars
+    model.score_net.width: {choice: [0.5, 1.0]}           # any YAML scalars, null included
     model.sde.sigma: {uniform: [5, 50], step: 5}          # a float, on a grid if `step` is given
     model.beta: {loguniform: [0.01, 1.0]}                 # a float, uniform in log space
     model.sampler.steps: {int: [5, 50], step: 5}          # an integer, both ends included
@@ -49,7 +49,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 class Choice(Strict):
-    """One of a list of values (any YAML scalars)."""
+    """One of a list of values (any YAML scalars; null is a key's "off", e.g. `ema: null`)."""
 
     choice: list[Any] = Field(min_length=1)
 
@@ -57,8 +57,8 @@ class Choice(Strict):
     @classmethod
     def _scalars(cls, values: list[Any]) -> list[Any]:
         for v in values:
-            if not _is_scalar(v):
-                raise ValueError(f"choices must be numbers, strings or booleans, got {v!r}")
+            if not (_is_scalar(v) or v is None):
+                raise ValueError(f"choices must be numbers, strings, booleans or null, got {v!r}")
         if len({(type(v), v) for v in values}) != len(values):
             raise ValueError(f"choices must be distinct, got {values}")
         return values

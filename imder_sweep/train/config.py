@@ -88,7 +88,9 @@ class TrainConfig(_Config):
     # changes training, and costs a few per cent of an epoch (docs/recovery-health.md).
     recovery_health: bool = True
     # Epochs of denoising score matching alone on the complete training data before stage (b)
-    # (`train.warmup.score_warmup`); 0: none, as released.
+    # (`train.warmup.score_warmup`); 0: none, as released. Like every score-net option it does
+    # nothing under a recovery without score nets (zero, mean, reconstruction), so baseline
+    # variants of a warmed-up configuration build.
     score_warmup_epochs: int = Field(0, ge=0)
 
 
@@ -125,18 +127,6 @@ class TrialConfig(_Config):
         if isinstance(train, dict):
             data = {**data, "train": deep_merge(REFERENCE_TRAIN.get(preset, {}), train)}
         return data
-
-    @model_validator(mode="after")
-    def _warmup_needs_score_nets(self) -> TrialConfig:
-        if self.train.score_warmup_epochs and self.model.recovery not in (
-            "diffusion+reconstruction",
-            "diffusion",
-        ):
-            raise ValueError(
-                f"train.score_warmup_epochs={self.train.score_warmup_epochs} warms up score "
-                f"nets, which model.recovery={self.model.recovery!r} has none of: set it to 0"
-            )
-        return self
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -407,7 +407,7 @@ def warm_up(
 ) -> dict[str, Any]:
     """The score warm-up before stage (b) (`train.warmup`) and its record, kept in `state_dir`;
     a resumed stage's state already holds the warmed-up nets, so it reads the record back."""
-    if not cfg.train.score_warmup_epochs:
+    if not cfg.train.score_warmup_epochs or model.score is None:
         return {}
     path = state_dir / WARMUP_FILE if state_dir is not None else None
     if resumed:

@@ -74,7 +74,8 @@ def score_warmup(model: IMDer, train: SplitData, cfg: TrialConfig) -> dict[str, 
     """Run `cfg.train.score_warmup_epochs` epochs of the warm-up on `train` (masks ignored:
     every sample is complete); returns its record: per-epoch mean loss per element and the
     seconds, in total and per epoch."""
-    assert model.score is not None, "TrialConfig refuses a warm-up without score nets"
+    if model.score is None:
+        raise ValueError(f"model.recovery={cfg.model.recovery!r} has no score nets to warm up")
     tc, device = cfg.train, train.labels.device
     params = [*model.score.parameters(), *model.pair_convs.parameters()]
     opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
