@@ -11,7 +11,9 @@ with like; our matching lines then carry `speedup_vs_same_session_reference`. `-
 runs the few-step solver study (`imder_sweep.solver_study`); `--cases gpu` the GPU fast-path check
 (`imder_sweep.bench_gpu`: every sampler backend, train steps, epochs, memory, CUDA-event timings),
 `--tiny` a seconds-long version of it. `--cases probe,recovery` runs the recovery options study
-(`imder_sweep.recovery_study`: the controlled probe, then whole trials per option and MR).
+(`imder_sweep.recovery_study`: the controlled probe, then whole trials per option and MR);
+`--cases search` the search-quality benchmark (`imder_sweep.search_bench`, the one case that
+needs Ray Tune and Optuna).
 """
 
 from __future__ import annotations
@@ -366,7 +368,18 @@ def bench_params(device: torch.device, repeat: int) -> list[dict]:
     ]
 
 
-CASES = ("params", "reference", "sampler", "train", "memory", "solvers", "gpu", "probe", "recovery")
+CASES = (
+    "params",
+    "reference",
+    "sampler",
+    "train",
+    "memory",
+    "solvers",
+    "gpu",
+    "probe",
+    "recovery",
+    "search",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -408,6 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recovery-seeds", default="0,1,2,3,4", help="recovery case: seeds")
     parser.add_argument("--recovery-mrs", default="0.5,0.3", help="recovery case: missing rates")
     parser.add_argument("--jobs", type=int, default=1, help="recovery case: trial processes")
+    parser.add_argument("--search-seeds", type=int, default=20, help="search case: search seeds")
+    parser.add_argument("--search-trials", type=int, default=24, help="search case: trials each")
     parser.add_argument(
         "--recovery-arms", default=None, help="recovery case: arms (default: all of them)"
     )
@@ -475,6 +490,10 @@ def jobs_for(args: argparse.Namespace, device: torch.device) -> list[Callable[[]
                     arms or tuple(recovery_study.ARMS),
                 )
             )
+    if "search" in cases:  # Ray Tune and Optuna on a surrogate: the one case that needs them
+        from imder_sweep.search_bench import run_search_bench
+
+        jobs.append(lambda: run_search_bench(args.search_seeds, args.search_trials))
     if "gpu" in cases:
         reference = partial(reference_sampler_calls, root) if root is not None else None
         jobs.append(

@@ -373,11 +373,15 @@ def test_surrogate_knows_its_optimum() -> None:
 def test_search_bench_prints_one_line_per_variant(
     local_ray: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert search_bench.main(["--seeds", "1", "--trials", "3"]) == 0
+    """`python -m imder_sweep.bench --cases search`: the benchmark's rows, through bench's own
+    entry point (one line per variant, with the machine)."""
+    from imder_sweep import bench
+
+    assert bench.main(["--cases", "search", "--search-seeds", "1", "--search-trials", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["variant"] for r in rows] == list(search_bench.VARIANTS)
     for row in rows:
-        assert row["case"] == "search" and row["trials"] == 3
+        assert row["case"] == "search" and row["trials"] == 3 and row["threads"] >= 1
         assert row["median_regret"] >= 0 and row["p90_regret"] >= row["median_regret"]
         assert 5 <= row["median_cost"] <= 100
 
