@@ -26,6 +26,7 @@ from imder_sweep.data import (
     write_mmsa_pickle,
     write_parquet_dataset,
 )
+from imder_sweep.metrics import sentiment_classes
 from imder_sweep.modalities import MODALITIES
 
 CLASSES = tuple(range(-3, 4))
@@ -33,7 +34,7 @@ CLASSES = tuple(range(-3, 4))
 
 def label_histogram(labels: np.ndarray) -> dict[int, int]:
     """Counts of the seven Acc7 classes: labels clipped to [-3, 3], rounded half to even."""
-    rounded = np.round(np.clip(labels, -3.0, 3.0)).astype(int)
+    rounded = sentiment_classes(labels)
     return {c: int((rounded == c).sum()) for c in CLASSES}
 
 

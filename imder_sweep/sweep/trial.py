@@ -50,7 +50,7 @@ from imder_sweep.train.loop import (
     run_pretrain,
     run_trial,
 )
-from imder_sweep.train.state import STATE_FILE
+from imder_sweep.train.state import STATE_FILE, LoopState
 from imder_sweep.util import atomic_write_bytes, nest
 
 PRETRAIN_FILES = ("model.pt", "meta.json")
@@ -465,15 +465,15 @@ def search_trial_artifacts(
         cfg = ctx.config(params)
         device = resolve_device(cfg.train.device)
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+            progress = LoopState.load(Path(d) / STATE_FILE, device).progress
         model = IMDer(cfg.model).to(device)
-        model.load_state_dict(state["best_state"])
+        model.load_state_dict(progress.best_state)
         splits = prepare_splits(get_dataset(ctx.dataset), cfg, device)
         with tempfile.TemporaryDirectory(prefix="imder-artifacts-") as tmp:
             out = Path(tmp)
             export_recovered_features(model, splits, cfg, out, ("valid",))
             (out / "metrics.json").write_text(
-                json.dumps({"best_epoch": state["best_epoch"], "valid": state["best_metrics"]})
+                json.dumps({"best_epoch": progress.best_epoch, "valid": progress.best_metrics})
             )
             tracker.log_trial_artifacts(run_id, out, splits=("valid",))
     tracker.set_tags(run_id, {tags.TRIAL_STATUS: status})
