@@ -382,26 +382,8 @@ CASES = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m imder_sweep.bench", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--cases",
-        default="params,sampler,train",
-        help=f"comma-separated, run in this order: {', '.join(CASES)}",
-    )
-    parser.add_argument("--presets", default="mosi,mosei", help="presets for the train cases")
-    parser.add_argument(
-        "--reference-code",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="a checkout of the published IMDer code (holding trains/): adds the reference case",
-    )
+def add_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of single cases: gpu, recovery, search."""
     parser.add_argument(
         "--tiny", action="store_true", help="gpu case: a tiny model, 2 steps (a quick check)"
     )
@@ -426,6 +408,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--recovery-arms", default=None, help="recovery case: arms (default: all of them)"
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m imder_sweep.bench", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--cases",
+        default="params,sampler,train",
+        help=f"comma-separated, run in this order: {', '.join(CASES)}",
+    )
+    parser.add_argument("--presets", default="mosi,mosei", help="presets for the train cases")
+    parser.add_argument(
+        "--reference-code",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a checkout of the published IMDer code (holding trains/): adds the reference case",
+    )
+    add_case_arguments(parser)
     args = parser.parse_args(argv)
     args.backend_list = tuple(b for b in BACKENDS if b in args.backends.split(","))
     unknown = set(args.backends.split(",")) - set(BACKENDS)
