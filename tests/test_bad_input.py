@@ -130,6 +130,15 @@ CASES: dict[str, Case] = {
         demo("solver"),
         expect=(demo("solver"), "space.model.sampler.solver='rk45'", "unknown solver 'rk45'"),
     ),
+    "prior-score-graph": tune(
+        "--space",
+        demo("prior-graph"),
+        expect=(
+            demo("prior-graph"),
+            "prior_score_above=0.5",
+            "sampler.backend='compile' or 'eager'",
+        ),
+    ),
     "unknown-protocol": tune(
         "--space", demo("protocol"), expect=(demo("protocol"), "protocol.kind:", "'burst'")
     ),
@@ -323,6 +332,9 @@ def _space_edits() -> dict[str, Edit]:
         "mr": lambda raw: raw["studies"].update(mr=[0.3, 0.8]),
         "width": space("model.score_net.width", {"choice": [0.25, 0.3]}),
         "solver": space("model.sampler.solver", {"choice": ["euler_maruyama", "rk45"]}),
+        "prior-graph": lambda raw: raw["fixed"]["model"]["sampler"].update(
+            backend="graph", prior_score_above=0.5
+        ),
         "protocol": lambda raw: raw["fixed"]["protocol"].update(kind="burst"),
         "variant-key": final(variants={"zero": {"model.recovry": "zero"}}),
         "variant-paired": final(variants={"half": {"protocol.mr": 0.5}}),
