@@ -210,13 +210,8 @@ def test_a_trial_with_warmup_records_it_and_a_resume_reads_it_back(tmp_path: Pat
     # A resumed stage (b) holds the warmed-up nets: it reads the record instead of warming up.
     model = IMDer(cfg.model)
     untouched = {k: v.clone() for k, v in model.state_dict().items()}
-    again = warm_up(
-        cfg,
-        model,
-        prepare_splits(load_dataset(cfg.data.source), cfg, "cpu")["train"],
-        True,
-        tmp_path / "run",
-    )
+    train = prepare_splits(load_dataset(cfg.data.source), cfg, "cpu")["train"]
+    again = warm_up(cfg, model, train, True, tmp_path / "run", result.pretrain["key"])
     assert again == warm
     assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items())
     # A baseline without score nets ignores the warm-up (a zero-fill variant of a warmed-up
@@ -224,6 +219,33 @@ def test_a_trial_with_warmup_records_it_and_a_resume_reads_it_back(tmp_path: Pat
     zero = _tiny_cfg(score_warmup_epochs=1, pretrain_epochs=1, epochs=1)
     zero = zero.model_copy(update={"model": zero.model.model_copy(update={"recovery": "zero"})})
     assert "score_warmup" not in run_trial(zero, out_dir=tmp_path / "zero").extra
+
+
+def test_the_warmup_is_cached_beside_the_pretraining_and_reused(tmp_path: Path) -> None:
+    """A second trial with the same score nets, SDE and warm-up reuses the cached warm-up and
+    trains bit for bit as the first; another beta reuses it too, another width does not. The
+    warm-up leaves torch's global RNG as it found it."""
+    cfg = _tiny_cfg(score_warmup_epochs=1, pretrain_epochs=1, epochs=1)
+    cache = tmp_path / "cache"
+    first = run_trial(cfg, cache_dir=cache)
+    second = run_trial(cfg, cache_dir=cache)
+    assert first.extra["score_warmup"]["reused"] is False
+    assert second.extra["score_warmup"]["reused"] is True
+    assert second.test == first.test and second.valid == first.valid
+    assert len(list(cache.glob("warmup-*/model.pt"))) == 1
+
+    def changed(**model: object) -> TrialConfig:
+        return TrialConfig.model_validate(deep_merge(cfg.model_dump(mode="json"), {"model": model}))
+
+    assert run_trial(changed(beta=0.5), cache_dir=cache).extra["score_warmup"]["reused"]
+    dataset = load_dataset(cfg.data.source)
+    wide = changed(score_net={"width": 1.5})
+    model = IMDer(wide.model)
+    train = prepare_splits(dataset, wide, "cpu")["train"]
+    rng = torch.get_rng_state()
+    record = warm_up(wide, model, train, False, None, first.pretrain["key"], cache)
+    assert record["reused"] is False and torch.equal(torch.get_rng_state(), rng)
+    assert len(list(cache.glob("warmup-*/model.pt"))) == 2
 
 
 def test_every_option_trains_a_stage_b_epoch_and_keeps_its_numbers_finite(

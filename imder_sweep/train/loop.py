@@ -41,7 +41,7 @@ from imder_sweep.train.health import encoded_stats, stage_probe
 from imder_sweep.train.parallel import DataParallel
 from imder_sweep.train.splits import SplitData, prepare_splits
 from imder_sweep.train.state import STATE_FILE, LoopState, Progress, atomic_torch_save
-from imder_sweep.train.warmup import score_warmup
+from imder_sweep.train.warmup import warm_up
 from imder_sweep.util import atomic_write_json
 
 # Modules stage (a) trains; stage (b) starts from them.
@@ -399,25 +399,6 @@ def stage_b_result(
     )
 
 
-WARMUP_FILE = "score-warmup.json"
-
-
-def warm_up(
-    cfg: TrialConfig, model: IMDer, train: SplitData, resumed: bool, state_dir: Path | None
-) -> dict[str, Any]:
-    """The score warm-up before stage (b) (`train.warmup`) and its record, kept in `state_dir`;
-    a resumed stage's state already holds the warmed-up nets, so it reads the record back."""
-    if not cfg.train.score_warmup_epochs or model.score is None:
-        return {}
-    path = state_dir / WARMUP_FILE if state_dir is not None else None
-    if resumed:
-        return json.loads(path.read_text()) if path is not None and path.exists() else {}
-    record = score_warmup(model, train, cfg)
-    if path is not None:
-        atomic_write_json(path, record)
-    return record
-
-
 def pretrain_cache(cache_dir: Path | None, out_dir: Path | None) -> Path:
     """Where a trial keeps its stage-(a) checkpoints: `cache_dir`, or `out_dir/pretrain-cache`."""
     if cache_dir:
@@ -457,7 +438,7 @@ def run_trial(
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     dataset = trial_dataset(cfg, dataset)
-    pretrained, pretrain_info = None, {}
+    pretrained, pretrain_info, cache = None, {}, None
     if "pretrain" in stages:
         cache = pretrain_cache(cache_dir, out_dir)
         pretrained, pretrain_info = run_pretrain(cfg, dataset, cache, reporter, device)
@@ -466,7 +447,8 @@ def run_trial(
     model, splits = init_stage_b(cfg, dataset, pretrained, device)
     resume = LoopState.load(resume_state, device) if resume_state else None
     state_dir = Path(out_dir) if out_dir else None
-    warmup = warm_up(cfg, model, splits["train"], resume is not None, state_dir)
+    key = pretrain_info.get("key")
+    warmup = warm_up(cfg, model, splits["train"], resume is not None, state_dir, key, cache)
     progress = fit_stage(
         "train", model, splits, cfg, cfg.train.epochs, reporter, state_dir, resume, parallel
     )

@@ -6,13 +6,20 @@ inside every step. The warm-up trains every s_k on every training sample instead
 the target, conditioned on the sample's other two modalities with missing ones simulated (both
 kept, or only one, each with probability 1/3), no sampler in the loop, so an epoch costs a few
 forward passes of the nets. It trains the score nets and the condition's pair convolutions with
-their own Adam; the EMA copy (`score_net.ema`) follows it.
+their own Adam; the EMA copy (`score_net.ema`) follows it. It never draws from torch's global RNG.
+
+What it produces depends only on the stage-(a) checkpoint (its key), the score nets' and SDE's
+configuration and the warm-up's optimisation, not on beta, the sampler or D_k; so it is cached
+beside the stage-(a) checkpoints (`warmup-KEY/`), and every trial of a sweep that shares those
+(e.g. a search over beta and steps at one width and sigma) reuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +30,78 @@ from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
 from imder_sweep.train.config import TrialConfig
 from imder_sweep.train.splits import SplitData
+from imder_sweep.train.state import atomic_torch_save
+from imder_sweep.util import atomic_write_json
+
+WARMUP_FILE = "score-warmup.json"  # the record, in the trial's directory
+# The modules the warm-up trains (and the EMA's counter): what its cache entry holds.
+WARMED_PREFIXES = ("score.", "score_ema.", "ema_updates", "pair_convs.")
 
 
 def warmup_seed(seed: int) -> int:
     """The warm-up's own stream (orders, times, noise, simulated masks), apart from training's."""
     digest = hashlib.sha256(f"score-warmup\0{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def warmup_key(cfg: TrialConfig, pretrain_key: str) -> str:
+    """What the warm-up's result depends on: the stage-(a) checkpoint (`pretrain_key`, which
+    holds the data, the seed and the encoders), the model's shapes, the score nets, the SDE and
+    the loss, the warm-up's epochs and optimisation."""
+    m, t = cfg.model, cfg.train
+    key = {
+        "pretrain": pretrain_key,
+        "model": m.model_dump(
+            mode="json", include={"dims", "seq_len", "d_model", "encoder_kernel"}
+        ),
+        "score": m.model_dump(mode="json", include={"score_net", "sde", "score_loss"}),
+        "train": t.model_dump(
+            mode="json",
+            include={"score_warmup_epochs", "batch_size", "lr", "weight_decay", "grad_clip"},
+        ),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def warm_up(
+    cfg: TrialConfig,
+    model: IMDer,
+    train: SplitData,
+    resumed: bool,
+    state_dir: Path | None,
+    pretrain_key: str | None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The score warm-up before stage (b) and its record (kept in `state_dir`): reused from the
+    cache beside the stage-(a) checkpoint when one matches (`reused` true), else run and cached.
+    A resumed stage's state already holds the warmed-up nets, so it only reads the record back.
+    Nothing without `train.score_warmup_epochs` or score nets."""
+    if not cfg.train.score_warmup_epochs or model.score is None:
+        return {}
+    path = state_dir / WARMUP_FILE if state_dir is not None else None
+    if resumed:
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    entry = None
+    if cache_dir is not None and pretrain_key is not None:
+        entry = Path(cache_dir) / f"warmup-{warmup_key(cfg, pretrain_key)}"
+    if entry is not None and (entry / "meta.json").exists() and (entry / "model.pt").exists():
+        state = torch.load(entry / "model.pt", map_location=train.labels.device)
+        loaded = model.load_state_dict(state, strict=False)
+        assert not loaded.unexpected_keys, loaded.unexpected_keys
+        record = {**json.loads((entry / "meta.json").read_text()), "reused": True}
+    else:
+        devices = [train.labels.device] if train.labels.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            record = {**score_warmup(model, train, cfg), "reused": False}
+        if entry is not None:
+            kept = {k: v for k, v in model.state_dict().items() if k.startswith(WARMED_PREFIXES)}
+            atomic_torch_save(entry / "model.pt", kept)
+            atomic_write_json(
+                entry / "meta.json", {k: v for k, v in record.items() if k != "reused"}
+            )
+    if path is not None:
+        atomic_write_json(path, record)
+    return record
 
 
 def simulated_mask(target: int, batch: int, gen: torch.Generator, device: torch.device) -> Tensor:
