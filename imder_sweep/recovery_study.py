@@ -181,7 +181,7 @@ def run_recovery_study(
 
 def summarise(records: list[dict[str, Any]], mrs: tuple[float, ...]) -> Iterator[dict[str, Any]]:
     """Per (MR, arm): test metrics over seeds, paired differences to zero-fill and to the
-    release, health averaged over seeds, and the epoch times."""
+    release, health averaged over seeds, and the epoch times (medians over seeds)."""
     for mr in mrs:
         by_arm: dict[str, dict[int, dict[str, Any]]] = {}
         for r in records:
@@ -210,9 +210,10 @@ def _arm_row(
             )
             row[f"{k}_minus_{base}"] = [d.mean, d.low, d.high]
     row |= _health(runs, seeds)
-    row["seconds_per_epoch"] = statistics.fmean(runs[s]["seconds_per_epoch"] for s in seeds)
+    # Medians over seeds: one trial slowed by a busy machine does not move them.
+    row["seconds_per_epoch"] = statistics.median(runs[s]["seconds_per_epoch"] for s in seeds)
     warm = [runs[s]["warmup_seconds_per_epoch"] for s in seeds]
-    row["warmup_seconds_per_epoch"] = statistics.fmean(warm) if None not in warm else None
+    row["warmup_seconds_per_epoch"] = statistics.median(warm) if None not in warm else None
     return row
 
 
