@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -331,3 +332,32 @@ def test_recovery_study_summary_pairs_each_arm_with_zero_fill_and_the_release() 
     assert "acc2_minus_zero" not in rows["zero"]
     assert best["health_r2_a"] == pytest.approx(0.0)
     assert best["dsm_t1"] == 0.5 and best["dsm_gauss_t1"] == pytest.approx(0.1)
+
+
+def test_nfe_per_sample_counts_the_network_evaluations_each_sample_gets() -> None:
+    """evaluate's `nfe_per_sample`: EM-3 spends 3 evaluations per missing modality of a sample,
+    so masks missing 0, 1, 2, 1, 2, 0 modalities give 3 x 6 / 6 = 3; with the prior score above
+    0.5 the network runs at 1 of the 3 grid points (1, 0.5005, 0.001): 1 x 6 / 6 = 1."""
+    from imder_sweep.train.evaluate import evaluate
+    from imder_sweep.train.splits import SplitData
+
+    torch.manual_seed(0)
+    cfg = reference_mosi(**TINY)
+    masks = torch.tensor(
+        [[1, 1, 1], [0, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=torch.bool
+    )
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        m: torch.randn(6, cfg.seq_len, dim, generator=g)
+        for m, dim in zip("lav", cfg.dims, strict=True)
+    }
+    data = SplitData(inputs=inputs, labels=torch.zeros(6), masks=masks, ids=np.arange(6))
+    assert evaluate(IMDer(cfg), data, 4, 0, "valid")["nfe_per_sample"] == 3.0
+    prior = IMDer(reference_mosi(**deep_merge(TINY, {"sampler": {"prior_score_above": 0.5}})))
+    assert evaluate(prior, data, 4, 0, "valid")["nfe_per_sample"] == 1.0
+    assert (
+        evaluate(IMDer(reference_mosi(recovery="zero", **TINY)), data, 4, 0, "valid")[
+            "nfe_per_sample"
+        ]
+        == 0.0
+    )

@@ -43,7 +43,10 @@ class IMDerOutput:
     recovered_rows: dict[str, Tensor] = field(default_factory=dict)  # modality -> (n_k,) rows
     # modality -> (n_k, d, L'): the sampler's x~_k (eq. 14) before D_k; diffusion modes only
     sampled: dict[str, Tensor] = field(default_factory=dict)
-    nfe: int = 0  # score evaluations spent sampling this batch
+    nfe: int = 0  # score evaluations spent sampling this batch (one per sampler run and step)
+    # Sum over the sampler runs of NFE x the rows recovered: the network evaluations the batch's
+    # samples got, so / B is the NFE per sample (two missing modalities: twice the steps).
+    nfe_rows: int = 0
 
 
 class _RowNoise:
@@ -300,6 +303,7 @@ class IMDer(nn.Module):
                 sampler,
             )
             out.nfe += nfe
+            out.nfe_rows += nfe * rows.numel()
             out.recovered[m], out.recovered_rows[m] = filled, rows
             if sampled is not None:
                 out.sampled[m] = sampled

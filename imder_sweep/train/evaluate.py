@@ -51,7 +51,7 @@ def predict(
     """
     model.eval()
     gen = torch.Generator().manual_seed(eval_generator_seed(seed, split))
-    preds, nfe = [], 0
+    preds, nfe, nfe_rows = [], 0, 0
     keys = ("rows", "recovered", "true", "sampled")
     got: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in keys} for m in MODALITIES}
     for start in range(0, len(data), batch_size):
@@ -59,7 +59,7 @@ def predict(
         inputs, _, masks = data.batch(idx)
         out = model(inputs, masks, generator=gen, sampler=sampler)
         preds.append(out.pred)
-        nfe += out.nfe
+        nfe, nfe_rows = nfe + out.nfe, nfe_rows + out.nfe_rows
         if collect:
             for m, rows in out.recovered_rows.items():
                 got[m]["rows"].append((rows + start).cpu())
@@ -67,7 +67,7 @@ def predict(
                 got[m]["true"].append(out.features[m].index_select(0, rows).float().cpu())
                 if m in out.sampled:
                     got[m]["sampled"].append(out.sampled[m].float().cpu())  # (n, d, L')
-    extra: dict[str, Any] = {"nfe": nfe}
+    extra: dict[str, Any] = {"nfe": nfe, "nfe_rows": nfe_rows}
     if collect:
         extra["recovered"] = {
             m: {k: torch.cat(v).numpy() for k, v in g.items() if v}
@@ -88,12 +88,16 @@ def evaluate(
 ) -> dict[str, float]:
     """The metrics of `regression_metrics` on a split, its valid loss and the sampler NFE, with
     the missing modalities recovered by `sampler` (None: the model's own). With `health`, also
-    the recovery health of this very pass (`HealthProbe.metrics`: health_*, dsm_*)."""
+    the recovery health of this very pass (`HealthProbe.metrics`: health_*, dsm_*).
+
+    The pass's cost: `nfe_per_sample`, the network evaluations the sampler spent per sample
+    (`IMDerOutput.nfe_rows` / N), fixed by the sampler and the masks."""
     collect = health is not None
     pred, extra = predict(model, data, batch_size, seed, split, collect=collect, sampler=sampler)
     metrics = regression_metrics(pred.float().cpu().numpy(), data.labels.cpu().numpy())
     metrics["loss"] = metrics["mae"]  # the release's valid loss: L1 of the prediction
     metrics["nfe"] = float(extra["nfe"])
+    metrics["nfe_per_sample"] = extra["nfe_rows"] / max(len(data), 1)
     if health is not None:
         metrics |= health.metrics(model, data, extra["recovered"])
     return metrics

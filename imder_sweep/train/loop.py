@@ -44,6 +44,8 @@ from imder_sweep.train.state import STATE_FILE, LoopState, Progress, atomic_torc
 from imder_sweep.train.warmup import warm_up
 from imder_sweep.util import atomic_write_json
 
+# Row keys of the validation pass's cost, kept without the valid_ prefix.
+COST_KEYS = ("nfe", "nfe_per_sample", "seconds_per_sample")
 # Modules stage (a) trains; stage (b) starts from them.
 PRETRAINED_PREFIXES = ("encoders.", "fusion.")
 
@@ -169,20 +171,26 @@ def epoch_row(
     realised: dict[str, float],
     samples: int,
     best: tuple[str, float | None],
+    valid_seconds_per_sample: float,
 ) -> dict[str, float]:
     """The history row of one epoch: training losses, valid metrics, the LR, the realised MR,
-    speed, sampler NFE, and the best valid value so far (`best`: metric name, value)."""
+    speed, sampler NFE, the validation pass's cost per sample (`nfe_per_sample`, and
+    `seconds_per_sample`, its wall time with the health probe), and the best valid value so
+    far (`best`: metric name, value)."""
     metric, value = best
     return {
         "epoch": float(epoch),
         **{f"train_{k}": v for k, v in train.items() if k != "nfe"},
-        **{f"valid_{k}": v for k, v in valid.items() if k != "nfe"},
+        **{f"valid_{k}": v for k, v in valid.items() if k not in COST_KEYS},
         "lr": lr,
         "realised_mr_train": realised["train"],
         "realised_mr_valid": realised["valid"],
         "epoch_seconds": seconds,
         "samples_per_second": samples / seconds,
         "nfe": train["nfe"] + valid["nfe"],
+        # The validation pass's cost per sample: what a search can minimise beside its metric.
+        "nfe_per_sample": valid["nfe_per_sample"],
+        "seconds_per_sample": valid_seconds_per_sample,
         f"best_valid_{metric}": float(value) if value is not None else math.nan,
     }
 
@@ -219,8 +227,10 @@ def fit_stage(
         epoch, t0 = progress.epoch + 1, time.perf_counter()
         order = torch.randperm(len(train), generator=order_gen)
         tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
+        t_valid = time.perf_counter()
         va = evaluate(model, valid, eval_batch_size(tc), cfg.seed, "valid", health=probe)
         seconds = time.perf_counter() - t0
+        va_seconds = time.perf_counter() - t_valid
         sched.step(va["loss"])
         progress.record(epoch, va, va.get(tc.select_metric, math.nan), model, tc.select_mode)
         done = progress.done(epochs, tc.early_stop)
@@ -233,6 +243,7 @@ def fit_stage(
             realised=realised,
             samples=len(train) + len(valid),
             best=(tc.select_metric, progress.best_value),
+            valid_seconds_per_sample=va_seconds / max(len(valid), 1),
         )
         progress.history.append({**row, "loop_done": float(done)})
         ckpt = None
