@@ -130,6 +130,20 @@ CASES: dict[str, Case] = {
         demo("solver"),
         expect=(demo("solver"), "space.model.sampler.solver='rk45'", "unknown solver 'rk45'"),
     ),
+    "unknown-objective": tune(
+        "--space",
+        demo("objective-metric"),
+        expect=(
+            demo("objective-metric"),
+            "search.objectives.1.metric: unknown metric 'valid_speed'",
+            "or a cost: nfe_per_sample, seconds_per_sample",
+        ),
+    ),
+    "objective-mode": tune(
+        "--space",
+        demo("objective-mode"),
+        expect=(demo("objective-mode"), "search.objectives.1.mode", "'smallest'"),
+    ),
     "prior-score-graph": tune(
         "--space",
         demo("prior-graph"),
@@ -332,6 +346,18 @@ def _space_edits() -> dict[str, Edit]:
         "mr": lambda raw: raw["studies"].update(mr=[0.3, 0.8]),
         "width": space("model.score_net.width", {"choice": [0.25, 0.3]}),
         "solver": space("model.sampler.solver", {"choice": ["euler_maruyama", "rk45"]}),
+        "objective-metric": search(
+            objectives=[
+                {"metric": "valid_loss", "mode": "min"},
+                {"metric": "valid_speed", "mode": "min"},
+            ]
+        ),
+        "objective-mode": search(
+            objectives=[
+                {"metric": "valid_loss", "mode": "min"},
+                {"metric": "nfe_per_sample", "mode": "smallest"},
+            ]
+        ),
         "prior-graph": lambda raw: raw["fixed"]["model"]["sampler"].update(
             backend="graph", prior_score_above=0.5
         ),

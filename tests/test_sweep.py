@@ -755,3 +755,26 @@ def test_warm_start_previous_and_a_resume_before_tunes_first_save(tmp_path: Path
     raw["search"]["warm_start"] = "none"
     cold = make_plan(write_space(tmp_path, raw), storage_path=str(tmp_path), tracking=False)
     assert search.earlier_studies(cold, second) == []
+
+
+def test_search_objectives_name_the_metric_first_and_are_checked() -> None:
+    """search.objectives (issue 15 item 4): the first is the metric configurations are chosen
+    on (metric and mode follow it), the rest are costs or other validation metrics; a
+    disagreeing metric, a lone objective and a repeated one are refused."""
+    from pydantic import ValidationError
+
+    from imder_sweep.sweep.space import Search
+
+    loss, nfe = {"metric": "valid_acc2", "mode": "max"}, {"metric": "nfe_per_sample", "mode": "min"}
+    s = Search.model_validate({"objectives": [loss, nfe], "algorithm": "nsga2"})
+    assert (s.metric, s.direction) == ("valid_acc2", "max")
+    assert s.objective_pairs == [("valid_acc2", "max"), ("nfe_per_sample", "min")]
+    assert Search().objective_pairs == [("valid_loss", "min")]
+    with pytest.raises(ValidationError, match="disagrees with objectives"):
+        Search.model_validate({"metric": "valid_loss", "objectives": [loss, nfe]})
+    with pytest.raises(ValidationError, match=r"one objective is search\.metric"):
+        Search.model_validate({"objectives": [loss]})
+    with pytest.raises(ValidationError, match="name a metric twice"):
+        Search.model_validate({"objectives": [loss, nfe, nfe]})
+    with pytest.raises(ValidationError, match="test metric"):
+        Search.model_validate({"objectives": [{"metric": "test_acc2", "mode": "max"}, nfe]})

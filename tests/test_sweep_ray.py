@@ -69,8 +69,14 @@ def test_demo_end_to_end_on_embedded_ray(
     tmp_path: Path, ray_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # ASHA from epoch 1 with reduction 2 over 4 trials: a trial worse than the median at a rung
-    # is stopped, which (seeded, deterministic data) happens to several here.
-    space = small_demo_space(tmp_path, epochs=2)
+    # is stopped, which (seeded, deterministic data) happens to several here. Two objectives
+    # (the loss and its cost): Optuna searches both, ASHA and model selection use the first.
+    search = yaml.safe_load(DEMO.read_text())["search"]
+    search["objectives"] = [
+        {"metric": "valid_loss", "mode": "min"},
+        {"metric": "nfe_per_sample", "mode": "min"},
+    ]
+    space = small_demo_space(tmp_path, epochs=2, search=search)
     args = ["--space", str(space), "--storage-path", str(tmp_path), "--experiment-name", "demo"]
     # MLflow is test_sweep_mlflow's: without it, the zero-fill variant's four runs cost less
     # than the t-SNE pictures every trial and final run would log.
@@ -90,12 +96,15 @@ def test_demo_end_to_end_on_embedded_ray(
         # Recompute every trial's best validation loss from Tune's own files: the choice is
         # the argmin, and no test-split number ever reached Tune.
         best: dict[str, float] = {}
+        costs: dict[str, tuple[float, float]] = {}  # trial id -> (best loss, its epoch's NFE)
         spans = []
         for trial_dir in sorted((exp / study).glob("trial-*")):
             results = read_results(trial_dir)
             assert not [k for r in results for k in r if k.startswith("test")]
             config = json.loads((trial_dir / "params.json").read_text())
             best[json.dumps(config, sort_keys=True)] = min(r["valid_loss"] for r in results)
+            top = min(results, key=lambda r: r["valid_loss"])
+            costs[results[0]["trial_id"]] = (top["valid_loss"], top["nfe_per_sample"])
             spans.append(
                 (results[0]["timestamp"] - results[0]["time_total_s"], results[-1]["timestamp"])
             )
@@ -103,6 +112,7 @@ def test_demo_end_to_end_on_embedded_ray(
                 assert results[-1]["loop_done"] is False  # ended by ASHA, not by the loop
                 stopped += 1
         chosen = min(best, key=best.__getitem__)
+        _check_two_objectives(exp, study, costs)
         assert json.dumps(summary["best"]["params"], sort_keys=True) == chosen
         assert summary["best"]["value"] == pytest.approx(best[chosen])
         assert "test" not in json.dumps(summary)
@@ -138,6 +148,23 @@ def test_demo_end_to_end_on_embedded_ray(
     (exp / "results" / "mr0.7.final-seed1.json").unlink()
     assert report.main([str(exp)]) == 0
     assert "| 1/2 |" in capsys.readouterr().out
+
+
+def _check_two_objectives(exp: Path, study: str, costs: dict[str, tuple[float, float]]) -> None:
+    """The study's Optuna journal holds a two-objective study; every COMPLETE trial's values
+    are its best epoch's loss and that epoch's NFE per sample, from Tune's own rows."""
+    import optuna
+
+    from imder_sweep.sweep.searcher import open_study
+
+    opened = open_study(str(exp / "optuna" / f"{study}.journal"), f"demo/{study}")
+    assert [d.name for d in opened.directions] == ["MINIMIZE", "MINIMIZE"]
+    complete = [t for t in opened.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and opened.best_trials
+    for t in complete:
+        loss, nfe = costs[t.user_attrs["tune_trial_id"]]
+        assert t.values == [pytest.approx(loss), pytest.approx(nfe)]
+        assert nfe > 0
 
 
 def _check_variants(exp: Path, plan: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.sweep.experiment import ExperimentDir
-from imder_sweep.sweep.space import Space
+from imder_sweep.sweep.space import Search, Space
 from imder_sweep.sweep.validation import validated_space
 from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
@@ -247,6 +247,14 @@ def make_plan(
     )
 
 
+def objectives_note(s: Search) -> str:
+    """The plan's words for a multi-objective search (nothing for one objective)."""
+    if not s.objectives:
+        return ""
+    listed = ", ".join(f"{m} ({mode})" for m, mode in s.objective_pairs)
+    return f"; objectives {listed}: the Pareto set in the Optuna study, ASHA on the first"
+
+
 def data_status(source: str) -> str:
     """Whether the data is there, in words; never raises (a dry run reports, it does not fail)."""
     kind = source_kind(source)
@@ -299,7 +307,8 @@ def describe(plan: Plan) -> str:
         f"{cfg.train.epochs} epochs (stage b), {cfg.train.pretrain_epochs} pretraining epochs",
         f"studies      {len(studies)}: {' '.join(st.name for st in studies)}",
         f"search       {s.algorithm} (seed {s.seed}), {s.num_samples} trials per study, "
-        f"{s.max_concurrent} at a time, {asha}; chosen on {s.metric} ({s.direction})",
+        f"{s.max_concurrent} at a time, {asha}; chosen on {s.metric} ({s.direction})"
+        + objectives_note(s),
         "space",
         *(f"  {k:<{width}}  {d.describe()}" for k, d in sp.file.space.items()),
         f"resources    per trial {r.workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}); "

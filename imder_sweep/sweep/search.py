@@ -74,16 +74,17 @@ def searcher(
         # TPE samples at random until it has 10 finished trials: from one seed, a study short
         # of them would draw the very configurations it carried over. Each draws its own.
         seed += plan.space.studies().index(study)
-    sampler = (
-        optuna.samplers.TPESampler(seed=seed)
-        if s.algorithm == "tpe"
-        else optuna.samplers.RandomSampler(seed=seed)
-    )
+    samplers = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "random": optuna.samplers.RandomSampler,
+    }
+    sampler = samplers[s.algorithm](seed=seed)
     # metric and mode go to the searcher and the scheduler, not to TuneConfig: under
     # max_concurrent_trials Tune would hand them to a limiter, not to the searcher.
     return OptunaSearcher(
         {k: d.to_optuna() for k, d in plan.space.file.space.items()},
-        [(s.metric, s.direction)],
+        s.objective_pairs,
         storage=journal(plan, study),
         study_name=optuna_study_name(plan, study),
         sampler=sampler,

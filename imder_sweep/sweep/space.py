@@ -67,6 +67,39 @@ from imder_sweep.util import deep_merge, nest
 # Validation metrics a search may select on: the loop's valid loss (L1) and every metric.
 SELECTABLE_METRICS: tuple[str, ...] = ("loss", *METRIC_NAMES)
 _MINIMISED = ("loss", "mae")
+# What a trial costs, in every epoch row (the validation pass, per sample): search objectives.
+COST_METRICS: tuple[str, ...] = ("nfe_per_sample", "seconds_per_sample")
+
+
+def _validation_metric(metric: str) -> str:
+    split, _, name = metric.partition("_")
+    if split == "test":
+        raise ValueError(
+            f"{metric!r} is a test metric; configurations are chosen on validation only "
+            f"(use valid_{name})"
+        )
+    if split != "valid" or name not in SELECTABLE_METRICS:
+        raise ValueError(
+            f"unknown metric {metric!r}; use valid_ + one of {', '.join(SELECTABLE_METRICS)}"
+        )
+    return metric
+
+
+class Objective(Strict):
+    """One objective of a multi-objective search: a validation metric or a cost."""
+
+    metric: str
+    mode: Literal["min", "max"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, metric: str) -> str:
+        if metric in COST_METRICS:
+            return metric
+        try:
+            return _validation_metric(metric)
+        except ValueError as err:
+            raise ValueError(f"{err}, or a cost: {', '.join(COST_METRICS)}") from None
 
 
 def _paper_mr(mr: float) -> float:
@@ -111,7 +144,8 @@ class Asha(Strict):
 
 
 class Search(Strict):
-    algorithm: Literal["tpe", "random"] = "tpe"
+    # tpe and nsga2 (multi-objective) learn from the trials; random does not.
+    algorithm: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int = Field(0, ge=0)
     num_samples: int = Field(8, ge=1)
     # Tune keeps a single pending trial for a custom searcher unless this is set.
@@ -125,21 +159,46 @@ class Search(Strict):
     # before it in this experiment (all share this file's space), e.g. MR 0.3's for MR 0.4's.
     # The first study has none to start with, so a one-study file is accepted as it is.
     warm_start: Literal["none", "previous"] = "none"
+    # Several objectives, searched jointly by Optuna's multi-objective samplers (the Pareto set
+    # is in the study): the first is `metric` (model selection and ASHA use it alone), the
+    # others e.g. {metric: nfe_per_sample, mode: min}. Empty: `metric` alone.
+    objectives: list[Objective] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_from_objectives(cls, data: Any) -> Any:
+        """`objectives`' first names the metric: `metric`/`mode` default to it, and must agree."""
+        if not isinstance(data, dict) or not data.get("objectives"):
+            return data
+        first = data["objectives"][0]
+        if not isinstance(first, dict):
+            return data
+        for key in ("metric", "mode"):
+            given = data.get(key)
+            if given is not None and given != first.get(key):
+                raise ValueError(
+                    f"search.{key}={given!r} disagrees with objectives[0].{key}="
+                    f"{first.get(key)!r}; the first objective is what configurations are "
+                    f"chosen on: give it once"
+                )
+        return {**data, "metric": first.get("metric"), "mode": first.get("mode")}
 
     @field_validator("metric")
     @classmethod
     def _validation_only(cls, metric: str) -> str:
-        split, _, name = metric.partition("_")
-        if split == "test":
+        return _validation_metric(metric)
+
+    @model_validator(mode="after")
+    def _objectives_distinct(self) -> Search:
+        names = [o.metric for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives name a metric twice: {names}")
+        if len(self.objectives) == 1:
             raise ValueError(
-                f"{metric!r} is a test metric; configurations are chosen on validation only "
-                f"(use valid_{name})"
+                "objectives: one objective is search.metric; list two or more to search "
+                "jointly (e.g. a cost: nfe_per_sample)"
             )
-        if split != "valid" or name not in SELECTABLE_METRICS:
-            raise ValueError(
-                f"unknown metric {metric!r}; use valid_ + one of {', '.join(SELECTABLE_METRICS)}"
-            )
-        return metric
+        return self
 
     @model_validator(mode="after")
     def _warm_start_learns(self) -> Search:
@@ -149,6 +208,12 @@ class Search(Strict):
                 "earlier trials, so carrying them over would change nothing"
             )
         return self
+
+    @property
+    def objective_pairs(self) -> list[tuple[str, str]]:
+        """(metric, mode) of every objective, `metric` first."""
+        rest = [(o.metric, o.mode) for o in self.objectives[1:]]
+        return [(self.metric, self.direction), *rest]
 
     @property
     def selected(self) -> str:
