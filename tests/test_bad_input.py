@@ -144,6 +144,11 @@ CASES: dict[str, Case] = {
         demo("objective-mode"),
         expect=(demo("objective-mode"), "search.objectives.1.mode", "'smallest'"),
     ),
+    "pick-without-cost": tune(
+        "--space",
+        demo("pick-no-cost"),
+        expect=(demo("pick-no-cost"), "final.pick: cheapest_within=0.01", "add search.objectives"),
+    ),
     "prior-score-graph": tune(
         "--space",
         demo("prior-graph"),
@@ -358,6 +363,7 @@ def _space_edits() -> dict[str, Edit]:
                 {"metric": "nfe_per_sample", "mode": "smallest"},
             ]
         ),
+        "pick-no-cost": final(pick={"cheapest_within": 0.01}),
         "prior-graph": lambda raw: raw["fixed"]["model"]["sampler"].update(
             backend="graph", prior_score_above=0.5
         ),

@@ -212,6 +212,7 @@ BAD = {
     ),
     "variant unbuildable at a searched point": (
         _edits(
+            _with("fixed/model/d_model", 32),  # demo.yaml's is 16
             _with("fixed/model/score_net/width", 0.5),  # channels 32, 32, 64, 128
             _with("final/variants", {"h": {"model.score_net.heads": 32}}),
         ),
@@ -491,13 +492,44 @@ def test_selection_is_on_the_best_validation_epoch() -> None:
         _result("c", [math.nan], 0.3),
         _result("d", [], 0.4, error=True),
     ]
-    summary = summarise_search(grid, ["model.beta"], "valid_loss", "min", 3)
+    summary = summarise_search(grid, ["model.beta"], [("valid_loss", "min")], 3)
     assert summary["best"] == {"trial_id": "b", "params": {"model.beta": 0.2}, "value": 0.8}
     status = {t["trial_id"]: t["status"] for t in summary["trials"]}
     assert status == {"a": "terminated", "b": "asha-stopped", "c": "terminated", "d": "error"}
     assert summary["trials"][3]["error"] == "ValueError: bad"
-    maxed = summarise_search(grid, ["model.beta"], "valid_loss", "max", 3)
+    maxed = summarise_search(grid, ["model.beta"], [("valid_loss", "max")], 3)
     assert maxed["best"]["trial_id"] == "b"  # 1.2
+
+
+def test_pareto_set_and_the_cheapest_within_pick() -> None:
+    """Two objectives (loss, NFE per sample at the best epoch): the summary lists the Pareto
+    set; `final.pick: best` keeps the best loss, `cheapest_within: 0.05` takes the cheapest
+    of the Pareto points within 0.05 of it."""
+    from imder_sweep.sweep.search import summarise_search
+    from imder_sweep.sweep.space import CheapestWithin
+
+    def costed(trial_id: str, losses: list[float], nfe: list[float], beta: float):
+        result = _result(trial_id, losses, beta)
+        result.metrics_dataframe["nfe_per_sample"] = nfe
+        return result
+
+    grid = [
+        costed("a", [0.90, 0.80], [100.0, 100.0], 0.1),  # the best loss, the dearest
+        costed("b", [0.83, 0.84], [25.0, 50.0], 0.2),  # best at epoch 1, NFE 25 there
+        costed("c", [0.95], [10.0], 0.3),  # the cheapest, far from the best
+        costed("d", [0.90], [60.0], 0.4),  # dominated by b
+    ]
+    objectives = [("valid_loss", "min"), ("nfe_per_sample", "min")]
+    best = summarise_search(grid, ["model.beta"], objectives, 2)
+    assert best["best"]["trial_id"] == "a" and best["pick"] == "best"
+    assert sorted(best["pareto"]) == ["a", "b", "c"]
+    by_id = {t["trial_id"]: t for t in best["trials"]}
+    assert by_id["b"]["objectives"] == [0.83, 25.0]
+    cheap = summarise_search(
+        grid, ["model.beta"], objectives, 2, CheapestWithin(cheapest_within=0.05)
+    )
+    assert cheap["best"] == {"trial_id": "b", "params": {"model.beta": 0.2}, "value": 0.83}
+    assert cheap["pick"] == {"cheapest_within": 0.05}
 
 
 def test_epoch_reporter_tells_the_loops_own_stop() -> None:

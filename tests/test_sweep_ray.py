@@ -113,6 +113,9 @@ def test_demo_end_to_end_on_embedded_ray(
                 stopped += 1
         chosen = min(best, key=best.__getitem__)
         _check_two_objectives(exp, study, costs)
+        assert summary["pareto"] and summary["best"]["trial_id"] in {
+            t["trial_id"] for t in summary["trials"]
+        }
         assert json.dumps(summary["best"]["params"], sort_keys=True) == chosen
         assert summary["best"]["value"] == pytest.approx(best[chosen])
         assert "test" not in json.dumps(summary)
@@ -139,6 +142,7 @@ def test_demo_end_to_end_on_embedded_ray(
         assert all(rows[study][f"{m}_{s}"] for m in ("acc2", "f1", "acc7") for s in ("mean", "std"))
     table = (exp / "table.md").read_text()
     assert table.count(" ± ") >= 9  # Acc2 / F1 / Acc7 of both rows and the average
+    assert "## Pareto set of mr0.3 (pick: best)" in table and "(chosen)" in table
     assert table in printed
     assert "study mr0.3: 4 trials" in printed and "[mr0.7] trials 4/4 done" in printed
 

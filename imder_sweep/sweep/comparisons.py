@@ -363,3 +363,36 @@ def health_markdown(plan: dict[str, Any], results: Results) -> list[str]:
     return lines + [
         f"- {health_line(s['name'], chosen.get(s['name'], {}))}" for s in plan["studies"]
     ]
+
+
+def pareto_markdown(plan: dict[str, Any], results: Results) -> list[str]:
+    """Per study of a multi-objective search: its Pareto set (each point's searched values and
+    objectives at its best epoch), the chosen point marked. Nothing for one objective."""
+    lines: list[str] = []
+    for study in plan["studies"]:
+        search = results.searches.get(study["name"], {})
+        if not search.get("pareto"):
+            continue
+        names = [m for m, _ in search["objectives"]]
+        trials = {t["trial_id"]: t for t in search["trials"]}
+        chosen = (search.get("best") or {}).get("trial_id")
+        keys = list(next(iter(trials.values()))["params"])
+        lines += [
+            "",
+            f"## Pareto set of {study['name']} (pick: {search['pick']})",
+            "",
+            "| trial | " + " | ".join([*keys, *names]) + " |",
+            "|" + "---|" * (1 + len(keys) + len(names)),
+        ]
+        for trial_id in search["pareto"]:
+            t = trials[trial_id]
+            mark = " (chosen)" if trial_id == chosen else ""
+            cells = [
+                f"{t['params'][k]:.4g}"
+                if isinstance(t["params"][k], float)
+                else str(t["params"][k])
+                for k in keys
+            ]
+            cells += [f"{v:.4g}" for v in t["objectives"]]
+            lines.append(f"| {trial_id}{mark} | " + " | ".join(cells) + " |")
+    return lines

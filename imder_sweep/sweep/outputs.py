@@ -116,6 +116,7 @@ def comparison_markdown(plan: dict[str, Any], results: Results, rows: comparison
     lines += curves.auilc_markdown(plan, curves.auilc_rows(plan, rows))
     lines += curves.robustness_markdown(plan, results, curves.robustness_auilc(plan, results))
     lines += comparisons.health_markdown(plan, results)
+    lines += comparisons.pareto_markdown(plan, results)
     return "\n".join(lines) + "\n"
 
 

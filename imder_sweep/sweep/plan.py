@@ -85,6 +85,7 @@ class Plan:
             "final_seeds": sp.final_seeds,
             "variants": sp.variants,
             "test_mr": list(sp.test_mrs),
+            "pick": sp.file.final.model_dump()["pick"],
             "search_seed": sp.search_seed,
         }
 
@@ -104,6 +105,7 @@ RESUME_KEYS = (
     "final_seeds",
     "variants",
     "test_mr",
+    "pick",
 )
 
 

@@ -15,8 +15,11 @@ finished trials of the studies searched before it; they are carried over, never 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,10 @@ from imder_sweep.sweep.searcher import (
     WARM_START_ATTR,
     JournalFile,
     OptunaSearcher,
+    cheapest_within,
     journal_uri,
     open_study,
+    pareto_front,
     study_name,
 )
 from imder_sweep.sweep.space import Resources, Space, Study
@@ -251,7 +256,7 @@ def search_study(
     s = sp.search
     t0 = time.perf_counter()
     grid = _tuner(plan, study, ctx, out, resume=resume).fit()
-    summary = summarise_search(grid, sp.keys, s.metric, s.direction, sp.max_t)
+    summary = summarise_search(grid, sp.keys, s.objective_pairs, sp.max_t, sp.file.final.pick)
     summary.update(study=study.name, protocol=study.protocol, seconds=time.perf_counter() - t0)
     add_optuna_record(plan, study, summary)
     out(optuna_line(plan, study, summary))
@@ -316,35 +321,81 @@ def _trial_id(result: tune.Result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
-def _trial_summary(result: tune.Result, keys: list[str], metric: str, mode: str) -> dict[str, Any]:
-    """One trial: its searched values, epochs, best `metric` over them and how it ended."""
+def _trial_summary(
+    result: tune.Result, keys: list[str], metric: str, mode: str, others: Sequence[str] = ()
+) -> dict[str, Any]:
+    """One trial: its searched values, epochs, best `metric` over them and how it ended; with
+    `others` (the further objectives), `objectives`: the best value and theirs at that epoch."""
     df = result.metrics_dataframe
     last = result.metrics or {}
     history = [] if df is None or metric not in df else [float(v) for v in df[metric]]
     status = "error" if result.error else trial_state("TERMINATED", last).lower()
-    return {
+    value = best_of(history, mode)
+    out = {
         "trial_id": _trial_id(result),
         "params": {k: result.config[k] for k in keys},
         "epochs": int(last.get("epoch", 0)),
-        "value": best_of(history, mode),
+        "value": value,
         "history": history,
         "status": "asha-stopped" if status == "stopped" else status,
         "error": last_line(result.error) if result.error else None,
     }
+    if others:
+        at = history.index(value) if value is not None else None
+        out["objectives"] = [value] + [
+            float(df[o].iloc[at]) if at is not None and o in df else None for o in others
+        ]
+    return out
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A trial as the Pareto and cheapest-within rules see one (`searcher.pareto_front`)."""
+
+    values: list[float]
+    number: int
+    trial: dict[str, Any]
+
+
+def _pareto(trials: list[dict[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[_Point]:
+    points = [
+        _Point(t["objectives"], i, t)
+        for i, t in enumerate(trials)
+        if all(v is not None and math.isfinite(v) for v in t["objectives"])
+    ]
+    return pareto_front(points, [mode for _, mode in objectives])  # type: ignore[arg-type]
 
 
 def summarise_search(
-    grid: tune.ResultGrid, keys: list[str], metric: str, mode: str, max_t: int
+    grid: tune.ResultGrid,
+    keys: list[str],
+    objectives: Sequence[tuple[str, str]],
+    max_t: int,
+    pick: Any = "best",
 ) -> dict[str, Any]:
-    """Every trial's best validation value over its epochs, and the chosen trial (the first
-    of the best, when several tie)."""
-    trials = [_trial_summary(result, keys, metric, mode) for result in grid]
-    pick = None
+    """Every trial's best validation value over its epochs, and the chosen trial: the first of
+    the best on the first objective (`pick` "best"), or, under `final.pick: cheapest_within`,
+    the cheapest of the Pareto set near the best (`searcher.cheapest_within`). With several
+    objectives, `pareto` lists the Pareto set's trial ids."""
+    (metric, mode), others = objectives[0], [m for m, _ in objectives[1:]]
+    trials = [_trial_summary(result, keys, metric, mode, others) for result in grid]
+    chosen = None
     for t in trials:
-        if is_better(t["value"], None if pick is None else pick["value"], mode):
-            pick = t
-    best = None if pick is None else {k: pick[k] for k in ("trial_id", "params", "value")}
-    return {"metric": metric, "mode": mode, "max_t": max_t, "trials": trials, "best": best}
+        if is_better(t["value"], None if chosen is None else chosen["value"], mode):
+            chosen = t
+    out: dict[str, Any] = {"metric": metric, "mode": mode, "max_t": max_t, "trials": trials}
+    if others:
+        front = _pareto(trials, objectives)
+        out["objectives"] = [list(o) for o in objectives]
+        out["pareto"] = [p.trial["trial_id"] for p in front]
+        if pick != "best":
+            point = cheapest_within(front, objectives, pick.cheapest_within)  # type: ignore[arg-type]
+            chosen = point.trial if point is not None else chosen
+    out["pick"] = pick if pick == "best" else pick.model_dump()
+    out["best"] = (
+        None if chosen is None else {k: chosen[k] for k in ("trial_id", "params", "value")}
+    )
+    return out
 
 
 def log_search(

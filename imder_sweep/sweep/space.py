@@ -263,13 +263,22 @@ class Resources(Strict):
         return max(1, int(self.cpus_per_worker))
 
 
+class CheapestWithin(Strict):
+    """`final.pick: {cheapest_within: 0.01}`: of the Pareto set, the trials whose first
+    objective is within this (absolute) of the best, the best on the second objective."""
+
+    cheapest_within: float = Field(gt=0.0)
+
+
 class Final(Strict):
-    """The final evaluation: the best configuration retrained over these seeds, tested once;
-    each variant (dotted overrides of the best configuration) on the same seeds; every final
-    model also tested at each `test_mr` (no retraining). What the variants may change is
-    checked in `validate_space`."""
+    """The final evaluation: the configuration `pick` chooses (the best on the search metric,
+    or a cost rule over a multi-objective search's Pareto set) retrained over these seeds,
+    tested once; each variant (dotted overrides of it) on the same seeds; every final model
+    also tested at each `test_mr` (no retraining). What the variants may change is checked in
+    `validate_space`."""
 
     seeds: list[int] = Field(default_factory=lambda: list(range(5)))
+    pick: Literal["best"] | CheapestWithin = "best"
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     test_mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
 
@@ -306,6 +315,18 @@ class SpaceFile(Strict):
     search: Search = Search()
     resources: Resources = Resources()
     final: Final = Final()
+
+    @model_validator(mode="after")
+    def _pick_has_a_cost(self) -> SpaceFile:
+        pick = self.final.pick
+        if isinstance(pick, CheapestWithin) and len(self.search.objectives) < 2:
+            raise ValueError(
+                f"final.pick: cheapest_within={pick.cheapest_within} picks the cheapest of the "
+                "Pareto set on the second objective, and this search has one: add "
+                "search.objectives, e.g. [{metric: valid_loss, mode: min}, {metric: "
+                "nfe_per_sample, mode: min}]"
+            )
+        return self
 
 
 @dataclass(frozen=True)
