@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,38 @@ S3_TEST_CREDENTIALS = {
 }
 # An mlflow server's start-up (~20 s alone) on a busy 2-core machine, with room to spare.
 MLFLOW_START_SECONDS = 120
+
+
+# Headless Chromium as the UI tests drive it (Debian's package; CI installs it).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+)
+
+
+def find_chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("no Chromium: install Debian's package (apt-get install -y chromium)")
+    return found
+
+
+def headless_chromium(chromium: str, url: str, profile: Path, *args: str) -> str:
+    """Load `url` in headless Chromium (its own profile directory) with `args`, e.g.
+    `--dump-dom` (returned: the rendered page) or `--screenshot=PATH`."""
+    result = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
 
 
 def free_port() -> int:
@@ -93,6 +126,27 @@ def mlflow_server(
         if wait:
             wait_healthy(server, time.monotonic() + MLFLOW_START_SECONDS)
         yield server
+    finally:
+        _stop_server(server)
+
+
+@contextlib.contextmanager
+def optuna_dashboard(journal: Path, root: Path) -> Iterator[str]:
+    """`optuna-dashboard JOURNAL` on 127.0.0.1 and a free port, as the README opens a study;
+    yields its URL once its API answers, stopped (its process group) when the block ends."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "dashboard.log"
+    dashboard = str(Path(sys.executable).with_name("optuna-dashboard"))
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [dashboard, str(journal), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    server = Server(url, root, proc, log, None, None)
+    try:
+        wait_for_http(proc, f"{url}/api/studies", log, time.monotonic() + MLFLOW_START_SECONDS)
+        yield url
     finally:
         _stop_server(server)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -146,12 +147,33 @@ def test_demo_end_to_end_on_embedded_ray(
     assert table in printed
     assert "study mr0.3: 4 trials" in printed and "[mr0.7] trials 4/4 done" in printed
 
+    _dashboard_opens_the_study(exp, tmp_path)
     # The report rebuilds the same table from disk, also from a partly finished experiment.
     assert report.main([str(exp), "--no-write"]) == 0
     assert capsys.readouterr().out == table
     (exp / "results" / "mr0.7.final-seed1.json").unlink()
     assert report.main([str(exp)]) == 0
     assert "| 1/2 |" in capsys.readouterr().out
+
+
+def _dashboard_opens_the_study(exp: Path, tmp_path: Path) -> None:
+    """The README's `optuna-dashboard EXPERIMENT/optuna/STUDY.journal` opens the finished
+    study: headless Chromium finds its name on the rendered page, and a screenshot is taken
+    (IMDER_SAVE_DASHBOARD=PATH keeps it, e.g. for docs/optuna-dashboard.png)."""
+    chromium = servers.find_chromium()
+    with servers.optuna_dashboard(exp / "optuna" / "mr0.3.journal", tmp_path / "dash") as url:
+        page = f"{url}/dashboard/studies/0"
+        dom = servers.headless_chromium(
+            chromium, page, tmp_path / "dom", "--window-size=1400,900", "--dump-dom"
+        )
+        assert "demo/mr0.3" in dom and "Pareto Front" in dom
+        shot = tmp_path / "optuna-dashboard.png"
+        servers.headless_chromium(
+            chromium, page, tmp_path / "shot", "--window-size=1400,900", f"--screenshot={shot}"
+        )
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+        if os.environ.get("IMDER_SAVE_DASHBOARD"):
+            shutil.copy(shot, os.environ["IMDER_SAVE_DASHBOARD"])
 
 
 def _check_two_objectives(exp: Path, study: str, costs: dict[str, tuple[float, float]]) -> None:

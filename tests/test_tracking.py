@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,15 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from servers import Relay, Server, free_port, mlflow_server, wait_healthy
+from servers import (
+    Relay,
+    Server,
+    find_chromium,
+    free_port,
+    headless_chromium,
+    mlflow_server,
+    wait_healthy,
+)
 from test_train import TINY
 
 from imder_sweep.consistency import read_recovered_parquet
@@ -61,17 +68,6 @@ STUDIES = {
     "fixed-lv": [{"protocol": {"kind": "fixed", "mr": None, "subset": "lv"},
                   "train": {"lr": lr}} for lr in (3e-3, 1e-3)],
 }  # fmt: skip
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=15000",
-)
 
 
 # Servers
@@ -477,13 +473,6 @@ def test_artifacts_on_s3(setup: Setup) -> None:
 # The UI
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.skip("no Chromium: install Debian's package (apt-get install -y chromium)")
-    return found
-
-
 def _runs_page(server: Server, experiment_id: str) -> str:
     # The Model-training view (3.17 opens experiments on the GenAI overview) sorted by a
     # metric: a sort other than by date lists nested runs flat, so every name is on the page.
@@ -494,16 +483,11 @@ def _runs_page(server: Server, experiment_id: str) -> str:
 
 
 def test_ui_shows_the_sweep_in_chromium(demo: Demo, setup: Setup, tmp_path: Path) -> None:
-    chromium = _chromium()
+    chromium = find_chromium()
     url = _runs_page(setup.local, demo.experiment_id)
 
     def browse(profile: str, *args: str) -> str:
-        result = subprocess.run(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / profile}", *args, url],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+        return headless_chromium(chromium, url, tmp_path / profile, *args)
 
     dom = browse("dom", "--window-size=1400,900", "--dump-dom")
     assert EXPERIMENT in dom
