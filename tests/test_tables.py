@@ -266,3 +266,39 @@ def test_the_report_writes_every_comparison_and_figure(
     # Variant results sit beside the chosen configuration's, apart from Table 1/2.
     assert set(exp.results().finals["mr0.3"]) == {CHOSEN, "zero"}
     assert "| 0.3 | 0.300 | 80.5 ± 0.7 |" in out
+
+
+def test_a_multi_objective_search_gets_a_pareto_section_and_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A search summary with a Pareto set (as `search.summarise_search` writes one): table.md
+    lists its points with their searched values and objectives, the chosen one marked, and
+    figures/pareto.png is drawn (the summary run logs both to MLflow)."""
+    plan = _plan((0.3,))
+    exp = ExperimentDir(str(tmp_path / "exp"))
+    exp.write_json("plan.json", plan)
+
+    def trial(trial_id: str, beta: float, loss: float, nfe: float) -> dict[str, Any]:
+        params = {"model.beta": beta, "model.sampler.steps": int(nfe)}
+        return {"trial_id": trial_id, "params": params, "value": loss, "objectives": [loss, nfe]}
+
+    trials = [trial("a", 0.1, 0.80, 100), trial("b", 0.2, 0.83, 25), trial("c", 0.3, 0.90, 60)]
+    exp.write_search(
+        "mr0.3",
+        {
+            "metric": "valid_loss", "mode": "min", "trials": trials,
+            "objectives": [["valid_loss", "min"], ["nfe_per_sample", "min"]],
+            "pareto": ["a", "b"], "pick": {"cheapest_within": 0.05},
+            "best": {"trial_id": "b", "params": trials[1]["params"], "value": 0.83},
+        },
+    )  # fmt: skip
+    for seed in range(2):
+        exp.write_final("mr0.3", seed, _result(0.8 + seed / 100))
+    assert report.main([exp.root]) == 0
+    out = capsys.readouterr().out
+    assert "## Pareto set of mr0.3 (pick: {'cheapest_within': 0.05})" in out
+    assert "| trial | model.beta | model.sampler.steps | valid_loss | nfe_per_sample |" in out
+    assert "| a | 0.1 | 100 | 0.8 | 100 |" in out and "| b (chosen) | 0.2 | 25 | 0.83 | 25 |" in out
+    assert "| c " not in out  # dominated
+    png = (tmp_path / "exp" / "figures" / "pareto.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

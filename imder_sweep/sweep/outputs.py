@@ -1,7 +1,8 @@
 """An experiment's report, rebuilt from its results on disk: `table.md` (Table 1/2, then every
-comparison the space asks for and the recovery-health lines), `table.csv` (Table 1/2), one CSV
-per comparison (`comparison_csv_files`) and, on request, the figures: each metric against the
-MR with one line per configuration, and the robustness heat maps.
+comparison the space asks for, the recovery-health lines and a multi-objective search's Pareto
+sets), `table.csv` (Table 1/2), one CSV per comparison (`comparison_csv_files`) and, on request,
+the figures: each metric against the MR with one line per configuration, the robustness heat
+maps and the Pareto sets.
 
 The driver writes it after every study (tables only) and at the end (with figures), and logs it
 on the summary run; `python -m imder_sweep.report` writes it again from what is there.
@@ -26,9 +27,11 @@ from imder_sweep.sweep.experiment import (
 )
 from imder_sweep.tracking.figures import (
     METRIC_NAMES,
+    ParetoPanel,
     RobustnessMatrix,
     SummaryPoint,
     metric_vs_mr_figure,
+    pareto_figure,
     robustness_figure,
 )
 
@@ -106,6 +109,9 @@ def _figures(
         out[f"figures/robustness_{ROBUSTNESS_METRIC}.png"] = _png(
             robustness_figure(matrices, ROBUSTNESS_METRIC, title)
         )
+    if panels := pareto_panels(plan, results):
+        title = "Pareto sets (each trial at its best epoch)"
+        out["figures/pareto.png"] = _png(pareto_figure(panels, title))
     return out
 
 
@@ -135,3 +141,40 @@ def comparison_csv_files(
     if plan.get("test_mr"):
         out["robustness.csv"] = curves.robustness_csv(plan, results)
     return out
+
+
+def pareto_panels(plan: dict[str, Any], results: Results) -> list[ParetoPanel]:
+    """`pareto_figure`'s panels: the studies whose search has a Pareto set."""
+    panels = []
+    for study in plan["studies"]:
+        search = results.searches.get(study["name"], {})
+        if not search.get("pareto"):
+            continue
+        names = tuple(m for m, _ in search["objectives"][:2])
+        finished = {
+            t["trial_id"]: t
+            for t in search["trials"]
+            if all(v is not None for v in t.get("objectives", [None])[:2])
+        }
+        chosen = finished.get((search.get("best") or {}).get("trial_id"))
+        panels.append(
+            ParetoPanel(
+                study["name"],
+                names,  # type: ignore[arg-type]
+                [tuple(t["objectives"][:2]) for t in finished.values()],
+                [
+                    (*finished[i]["objectives"][:2], _params_text(finished[i]["params"]))
+                    for i in search["pareto"]
+                    if i in finished
+                ],
+                tuple(chosen["objectives"][:2]) if chosen else None,
+            )
+        )
+    return panels
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+        for k, v in params.items()
+    )

@@ -6,6 +6,8 @@ trials in threads or Ray processes cannot draw into each other's figures).
 - `sentiment_figure`: the recovered features coloured by the 7 sentiment classes, one row per
   model (conditional vs unconditional recovery, paper Fig. 4).
 - `history_figure`, `importance_figure`: a study's Optuna history and parameter importances.
+- `pareto_figure`: a multi-objective search's trials on its first two objectives, the Pareto
+  set joined and labelled with each point's searched values, the chosen point starred.
 - `metric_vs_mr_figure`, `metrics_vs_mr_figure`: a metric (or Acc2 / F1 / Acc7 side by side)
   against the missing rate, one line per configuration (the chosen one and its variants), mean
   over seeds with a band of ± one std as the tables compute them.
@@ -288,4 +290,43 @@ def robustness_figure(matrices: Mapping[str, RobustnessMatrix], metric: str, tit
         ax.set_title(name)
     axes[0].set_ylabel("trained at")
     fig.colorbar(image, ax=list(axes), label=METRIC_NAMES[metric])
+    return fig
+
+
+@dataclass(frozen=True)
+class ParetoPanel:
+    """One study of a multi-objective search, at each trial's best epoch."""
+
+    study: str
+    names: tuple[str, str]  # the first two objectives
+    points: Sequence[tuple[float, float]]  # every finished trial
+    front: Sequence[tuple[float, float, str]]  # the Pareto set: x, y, its searched values
+    chosen: tuple[float, float] | None
+
+
+def pareto_figure(panels: Sequence[ParetoPanel], title: str) -> Figure:
+    """Each study: every trial on (first, second objective), the Pareto set as a line with its
+    parameters beside each point, the configuration the final stage retrains as a star."""
+    fig = Figure(
+        figsize=((PANEL_INCHES + 1.5) * max(len(panels), 1), PANEL_INCHES + 0.8),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=False):
+        if panel.points:
+            ax.scatter(*zip(*panel.points, strict=True), s=14, c="0.6", label="trials")
+        front = sorted(panel.front)
+        if front:
+            xs, ys = [p[0] for p in front], [p[1] for p in front]
+            ax.plot(xs, ys, "o-", c="tab:blue", ms=5, label="Pareto set")
+            for x, y, text in front:
+                ax.annotate(text, (x, y), fontsize=6, xytext=(4, 4), textcoords="offset points")
+        if panel.chosen is not None:
+            ax.plot(*panel.chosen, "*", c="tab:red", ms=14, label="final.pick")
+        ax.set_title(panel.study)
+        ax.set_xlabel(panel.names[0])
+        ax.set_ylabel(panel.names[1])
+        ax.legend(loc="best", fontsize=7)
     return fig
