@@ -149,6 +149,16 @@ CASES: dict[str, Case] = {
         demo("pick-no-cost"),
         expect=(demo("pick-no-cost"), "final.pick: cheapest_within=0.01", "add search.objectives"),
     ),
+    "sampler-grid-solver": tune(
+        "--space",
+        demo("sampler-grid-solver"),
+        expect=(demo("sampler-grid-solver"), "final.samplers.solver", "unknown solver 'rk4'"),
+    ),
+    "sampler-grid-steps": tune(
+        "--space",
+        demo("sampler-grid-steps"),
+        expect=(demo("sampler-grid-steps"), "final.samplers.steps", "[5, 0]"),
+    ),
     "prior-score-graph": tune(
         "--space",
         demo("prior-graph"),
@@ -364,6 +374,8 @@ def _space_edits() -> dict[str, Edit]:
             ]
         ),
         "pick-no-cost": final(pick={"cheapest_within": 0.01}),
+        "sampler-grid-solver": final(samplers={"solver": ["ode_heun", "rk4"], "steps": [5]}),
+        "sampler-grid-steps": final(samplers={"solver": ["ode_heun"], "steps": [5, 0]}),
         "prior-graph": lambda raw: raw["fixed"]["model"]["sampler"].update(
             backend="graph", prior_score_above=0.5
         ),

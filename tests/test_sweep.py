@@ -810,3 +810,40 @@ def test_search_objectives_name_the_metric_first_and_are_checked() -> None:
         Search.model_validate({"objectives": [loss, nfe, nfe]})
     with pytest.raises(ValidationError, match="test metric"):
         Search.model_validate({"objectives": [{"metric": "test_acc2", "mode": "max"}, nfe]})
+
+
+def _sampler_final(seed: int, loss: float, grid: list[tuple[str, int, float, float]]) -> dict:
+    """A final result with the training sampler's valid loss and `final.samplers`' grid."""
+    return {
+        "config": {"model": {"sampler": {"solver": "euler_maruyama", "steps": 100}}},
+        "valid": {"loss": loss, "nfe_per_sample": 150.0},
+        "test": {"acc2": 0.8, "f1": 0.8, "mae": 1.0},
+        "samplers": [
+            {"solver": s, "steps": n, "nfe_per_sample": nfe, "valid": {"loss": v + seed / 100}}
+            for s, n, nfe, v in grid
+        ],
+    }
+
+
+def test_samplers_after_training_pick_the_cheapest_within_the_seed_noise() -> None:
+    """final.samplers: the training sampler's valid loss over 3 seeds is 1.00, 1.02, 1.04
+    (sd 0.02): ode_heun x 5 (15 NFE, mean 1.02) is within the noise and cheapest; EM x 10
+    (15 NFE too but 1.31) is not; with the sd at 0 (one seed) nothing worse is picked."""
+    from imder_sweep.sweep.sampler_choice import curve, pick
+
+    grid = [("euler_maruyama", 10, 15.0, 1.30), ("ode_heun", 5, 15.0, 1.01),
+            ("ode_heun", 25, 75.0, 0.99)]  # fmt: skip
+    finals = {s: _sampler_final(s, 1.0 + 0.02 * s, grid) for s in range(3)}
+    training, points = curve(finals, "loss")
+    assert training["mean"] == pytest.approx(1.02) and training["sd"] == pytest.approx(0.02)
+    assert [(p["solver"], p["steps"]) for p in points] == [
+        ("euler_maruyama", 10),
+        ("ode_heun", 5),
+        ("ode_heun", 25),
+    ]
+    chosen = pick(training, points, "min")
+    assert (chosen["solver"], chosen["steps"], chosen["nfe_per_sample"]) == ("ode_heun", 5, 15.0)
+    one = {0: _sampler_final(0, 1.0, [("ode_heun", 5, 15.0, 1.001)])}
+    training, points = curve(one, "loss")
+    assert pick(training, points, "min") is training  # 1.001 > 1.0 with no spread to excuse it
+    assert pick(*curve(one, "loss"), "max")["solver"] == "ode_heun"  # higher is better there

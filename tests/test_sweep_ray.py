@@ -77,7 +77,9 @@ def test_demo_end_to_end_on_embedded_ray(
         {"metric": "valid_loss", "mode": "min"},
         {"metric": "nfe_per_sample", "mode": "min"},
     ]
-    space = small_demo_space(tmp_path, epochs=2, search=search)
+    final = {**yaml.safe_load(DEMO.read_text())["final"], "seeds": 2}
+    final["samplers"] = {"solver": ["euler_maruyama", "ode_euler"], "steps": [1, 3]}
+    space = small_demo_space(tmp_path, epochs=2, search=search, final=final)
     args = ["--space", str(space), "--storage-path", str(tmp_path), "--experiment-name", "demo"]
     # MLflow is test_sweep_mlflow's: without it, the zero-fill variant's four runs cost less
     # than the t-SNE pictures every trial and final run would log.
@@ -144,6 +146,7 @@ def test_demo_end_to_end_on_embedded_ray(
     table = (exp / "table.md").read_text()
     assert table.count(" ± ") >= 9  # Acc2 / F1 / Acc7 of both rows and the average
     assert "## Pareto set of mr0.3 (pick: best)" in table and "(chosen)" in table
+    _check_samplers_after_training(exp, table)
     assert table in printed
     assert "study mr0.3: 4 trials" in printed and "[mr0.7] trials 4/4 done" in printed
 
@@ -154,6 +157,35 @@ def test_demo_end_to_end_on_embedded_ray(
     (exp / "results" / "mr0.7.final-seed1.json").unlink()
     assert report.main([str(exp)]) == 0
     assert "| 1/2 |" in capsys.readouterr().out
+
+
+def _check_samplers_after_training(exp: Path, table: str) -> None:
+    """final.samplers: every final run of the chosen configuration has the grid on valid; per
+    study the pick is the cheapest point within the seed noise, tested on every seed (its test
+    numbers are the training sampler's own when it is the training sampler)."""
+    from imder_sweep.sweep.sampler_choice import curve, pick
+
+    for study in ("mr0.3", "mr0.7"):
+        choice = json.loads((exp / "results" / f"{study}.samplers.json").read_text())
+        finals = {
+            s: json.loads((exp / "results" / f"{study}.final-seed{s}.json").read_text())
+            for s in (0, 1)
+        }
+        assert all(len(r["samplers"]) == 4 for r in finals.values())
+        assert all(c["nfe_per_sample"] >= 0 for r in finals.values() for c in r["samplers"])
+        training, grid = curve(finals, "loss")
+        chosen = pick(training, grid, "min")
+        assert (choice["picked"]["solver"], choice["picked"]["steps"]) == (
+            chosen["solver"],
+            chosen["steps"],
+        )
+        assert set(choice["picked"]["test"]) == {"0", "1"}
+        assert all(set(t) >= {"acc2", "f1", "mae"} for t in choice["picked"]["test"].values())
+        if chosen is training:
+            assert choice["picked"]["test"]["0"] == finals[0]["test"]
+    assert "## Samplers after training (final.samplers)" in table
+    assert (exp / "samplers.csv").read_text().count("\n") == 1 + 2 * 5
+    assert (exp / "figures" / "samplers.png").read_bytes().startswith(b"\x89PNG")
 
 
 def _dashboard_opens_the_study(exp: Path, tmp_path: Path) -> None:

@@ -396,3 +396,61 @@ def pareto_markdown(plan: dict[str, Any], results: Results) -> list[str]:
             cells += [f"{v:.4g}" for v in t["objectives"]]
             lines.append(f"| {trial_id}{mark} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _test_cell(tests: dict[str, dict[str, float]], metric: str) -> str:
+    scale = 100.0 if metric in ("acc2", "f1", "acc7") else 1.0
+    mean, sd = mean_std(scale * t[metric] for t in tests.values())
+    return f"{mean:.1f} ± {sd:.1f}" if sd == sd else f"{mean:.1f}"
+
+
+def samplers_markdown(plan: dict[str, Any], results: Results) -> list[str]:
+    """Per study with `final.samplers`: the training sampler and the one validation picked
+    (the cheapest within one seed sd of it), each with its NFE per sample and test numbers."""
+    lines: list[str] = []
+    for study in plan["studies"]:
+        choice = results.samplers.get(study["name"])
+        if choice is None:
+            continue
+        if not lines:
+            lines += [
+                "",
+                "## Samplers after training (final.samplers)",
+                "",
+                f"Validation {choice['metric']} per solver x steps over the final seeds "
+                "(samplers.csv); picked: the cheapest point within one seed sd of the training "
+                "sampler's. Test: mean ± sd over the seeds, each model tested once per sampler.",
+                "",
+                "| study | sampler | solver x steps | NFE per sample | valid (mean ± sd) | "
+                "test Acc2 | test F1 | test MAE |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+        for role in ("training", "picked"):
+            p = choice[role]
+            sd = f" ± {p['sd']:.4f}" if p["sd"] == p["sd"] else ""
+            cells = [_test_cell(p["test"], m) for m in ("acc2", "f1", "mae")]
+            lines.append(
+                f"| {study['name']} | {role} | {p['solver']} x {p['steps']} | "
+                f"{p['nfe_per_sample']:.1f} | {p['mean']:.4f}{sd} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+def samplers_csv(plan: dict[str, Any], results: Results) -> str:
+    """The accuracy-against-NFE curve of every study with `final.samplers`."""
+    header = ["study", "solver", "steps", "nfe_per_sample", "valid_metric", "mean", "sd",
+              "n_seeds", "training_sampler", "picked"]  # fmt: skip
+    rows = []
+    for study in plan["studies"]:
+        choice = results.samplers.get(study["name"])
+        if choice is None:
+            continue
+        training, picked = choice["training"], choice["picked"]
+        for p in [training, *choice["grid"]]:
+            key = (p["solver"], p["steps"])
+            rows.append([
+                study["name"], p["solver"], p["steps"], p["nfe_per_sample"], choice["metric"],
+                p["mean"], p["sd"], len(p["per_seed"]), p is training,
+                key == (picked["solver"], picked["steps"]),
+            ])  # fmt: skip
+    return csv_text(header, rows)

@@ -32,6 +32,7 @@ from imder_sweep.sweep.mlflow_runs import (
 )
 from imder_sweep.sweep.plan import Plan
 from imder_sweep.sweep.progress import Out, emit
+from imder_sweep.sweep.sampler_choice import choose_sampler
 from imder_sweep.sweep.search import search_study
 from imder_sweep.sweep.space import Resources, Study
 from imder_sweep.sweep.trial import (
@@ -287,6 +288,7 @@ def study_context(
         max_failures=sp.search.max_failures,
         test_mrs=sp.test_mrs,
         robustness_seed=sp.search_seed,  # one seed: the same test masks per MR for every model
+        sampler_grid=sp.sampler_grid,
     )
 
 
@@ -314,6 +316,10 @@ def run_study(
         finals: Finals = {}
         if summary["best"] is not None:
             finals = final_evaluation(plan, study, ctx, summary["best"]["params"], out, done)
+        if plan.space.sampler_grid and finals.get(CHOSEN):
+            choice = choose_sampler(plan, study, ctx, finals[CHOSEN], out)
+            if choice is not None:
+                plan.experiment_dir.write_samplers(study.name, choice)
     except BaseException:
         if tracking is not None:
             with contextlib.suppress(Exception):  # the original error matters more

@@ -37,6 +37,7 @@ _FINAL = re.compile(
     r"^(?P<study>.+?)(\.(?P<variant>[A-Za-z][A-Za-z0-9_-]*))?\.final-seed(?P<seed>\d+)\.json$"
 )
 _SEARCH = re.compile(r"^(?P<study>.+)\.search\.json$")
+_SAMPLERS = re.compile(r"^(?P<study>.+)\.samplers\.json$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Results:
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)
     # study -> arm (CHOSEN, or a variant's name) -> seed -> result
     finals: dict[str, dict[str, dict[int, dict[str, Any]]]] = field(default_factory=dict)
+    # study -> the samplers-after-training choice (`sweep.sampler_choice`, final.samplers)
+    samplers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def chosen(self) -> dict[str, dict[int, dict[str, Any]]]:
         """study -> seed -> result of the chosen configuration's final runs."""
@@ -94,6 +97,9 @@ class ExperimentDir:
     def write_search(self, study: str, summary: dict[str, Any]) -> None:
         self.write_json(f"{RESULTS}/{study}.search.json", summary)
 
+    def write_samplers(self, study: str, choice: dict[str, Any]) -> None:
+        self.write_json(f"{RESULTS}/{study}.samplers.json", choice)
+
     def write_final(
         self, study: str, seed: int, result: dict[str, Any], variant: str | None = None
     ) -> None:
@@ -110,6 +116,8 @@ class ExperimentDir:
         for name in names:
             if m := _SEARCH.match(name):
                 out.searches[m["study"]] = self.read_json(f"{RESULTS}/{name}")
+            elif m := _SAMPLERS.match(name):
+                out.samplers[m["study"]] = self.read_json(f"{RESULTS}/{name}")
             elif m := _FINAL.match(name):
                 arms = out.finals.setdefault(m["study"], {})
                 seeds = arms.setdefault(m["variant"] or CHOSEN, {})

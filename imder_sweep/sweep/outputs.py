@@ -33,6 +33,7 @@ from imder_sweep.tracking.figures import (
     metric_vs_mr_figure,
     pareto_figure,
     robustness_figure,
+    sampler_curve_figure,
 )
 
 FIGURE_METRICS = ("acc2", "f1", "acc7", "mae")
@@ -112,6 +113,9 @@ def _figures(
     if panels := pareto_panels(plan, results):
         title = "Pareto sets (each trial at its best epoch)"
         out["figures/pareto.png"] = _png(pareto_figure(panels, title))
+    if results.samplers:
+        title = "Samplers after training: validation against NFE (mean ± sd over seeds)"
+        out["figures/samplers.png"] = _png(sampler_curve_figure(results.samplers, title))
     return out
 
 
@@ -123,6 +127,7 @@ def comparison_markdown(plan: dict[str, Any], results: Results, rows: comparison
     lines += curves.robustness_markdown(plan, results, curves.robustness_auilc(plan, results))
     lines += comparisons.health_markdown(plan, results)
     lines += comparisons.pareto_markdown(plan, results)
+    lines += comparisons.samplers_markdown(plan, results)
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +140,8 @@ def comparison_csv_files(
         out["differences.csv"] = comparisons.differences_csv(comparisons.differences(plan, rows))
     if comparisons.table3_arms(plan):
         out["table3.csv"] = comparisons.table3_csv(plan, rows)
+    if results.samplers:
+        out["samplers.csv"] = comparisons.samplers_csv(plan, results)
     aucs = curves.auilc_rows(plan, rows) + curves.robustness_auilc(plan, results)
     if aucs:
         out["auilc.csv"] = curves.auilc_csv(aucs)

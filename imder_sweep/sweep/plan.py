@@ -86,6 +86,7 @@ class Plan:
             "variants": sp.variants,
             "test_mr": list(sp.test_mrs),
             "pick": sp.file.final.model_dump()["pick"],
+            "samplers": [list(p) for p in sp.sampler_grid],
             "search_seed": sp.search_seed,
         }
 
@@ -106,6 +107,7 @@ RESUME_KEYS = (
     "variants",
     "test_mr",
     "pick",
+    "samplers",
 )
 
 

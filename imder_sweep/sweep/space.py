@@ -56,6 +56,7 @@ from pydantic import (
 from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
 from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
+from imder_sweep.samplers import SOLVERS
 from imder_sweep.sweep.distributions import Distribution, Strict
 from imder_sweep.train.config import (
     ConfigError,
@@ -263,6 +264,34 @@ class Resources(Strict):
         return max(1, int(self.cpus_per_worker))
 
 
+class SamplerGrid(Strict):
+    """`final.samplers`: every (solver, steps) pair the final models are evaluated under on the
+    validation split after training (no retraining)."""
+
+    solver: list[str] = Field(min_length=1)
+    steps: list[int] = Field(min_length=1)
+
+    @field_validator("solver")
+    @classmethod
+    def _known_solvers(cls, solvers: list[str]) -> list[str]:
+        for name in solvers:
+            if name not in SOLVERS:
+                raise ValueError(f"unknown solver {name!r}; known: {sorted(SOLVERS)}")
+        if len(set(solvers)) != len(solvers):
+            raise ValueError(f"solvers must be distinct, got {solvers}")
+        return solvers
+
+    @field_validator("steps")
+    @classmethod
+    def _counts(cls, steps: list[int]) -> list[int]:
+        if any(n < 1 or n > 10_000 for n in steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"steps must be distinct integers in [1, 10000], got {steps}")
+        return steps
+
+    def points(self) -> tuple[tuple[str, int], ...]:
+        return tuple((solver, n) for solver in self.solver for n in self.steps)
+
+
 class CheapestWithin(Strict):
     """`final.pick: {cheapest_within: 0.01}`: of the Pareto set, the trials whose first
     objective is within this (absolute) of the best, the best on the second objective."""
@@ -279,6 +308,7 @@ class Final(Strict):
 
     seeds: list[int] = Field(default_factory=lambda: list(range(5)))
     pick: Literal["best"] | CheapestWithin = "best"
+    samplers: SamplerGrid | None = None
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     test_mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
 
@@ -372,6 +402,12 @@ class Space:
     def variants(self) -> dict[str, dict[str, Any]]:
         """Variant name -> its dotted overrides of the chosen configuration, in file order."""
         return self.file.final.variants
+
+    @property
+    def sampler_grid(self) -> tuple[tuple[str, int], ...]:
+        """`final.samplers`' (solver, steps) pairs, or none."""
+        grid = self.file.final.samplers
+        return grid.points() if grid is not None else ()
 
     @property
     def test_mrs(self) -> tuple[float, ...]:

@@ -84,6 +84,7 @@ class TrialContext:
     variant: str | None = None  # a final run's variant (final.variants); None: the chosen config
     test_mrs: tuple[float, ...] = ()  # final runs are also tested at these MRs (final.test_mr)
     robustness_seed: int | None = None  # the masks at those MRs (None: each run's own seed)
+    sampler_grid: tuple[tuple[str, int], ...] = ()  # final runs' validation under these too
 
     def config(
         self, params: dict[str, Any], seed: int | None = None, device: str | None = None
@@ -240,10 +241,15 @@ def run_in_process(
 def _robustness(ctx: TrialContext, final: bool) -> dict[str, Any]:
     """`run_trial`'s robustness arguments: a final run is also tested at the space's test MRs,
     on masks from the study's one robustness seed, so every model of the study (each seed, each
-    variant) sees the same masks per test MR; a search trial never sees the test split."""
+    variant) sees the same masks per test MR, and evaluated on validation under each sampler of
+    `final.samplers`; a search trial never sees the test split."""
     if not final:
         return {}
-    return {"test_mrs": ctx.test_mrs, "robustness_seed": ctx.robustness_seed}
+    return {
+        "test_mrs": ctx.test_mrs,
+        "robustness_seed": ctx.robustness_seed,
+        "sampler_grid": ctx.sampler_grid,
+    }
 
 
 def _mlflow(ctx: TrialContext, run_id: str | None) -> MlflowReporter | None:

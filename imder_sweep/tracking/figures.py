@@ -6,6 +6,7 @@ trials in threads or Ray processes cannot draw into each other's figures).
 - `sentiment_figure`: the recovered features coloured by the 7 sentiment classes, one row per
   model (conditional vs unconditional recovery, paper Fig. 4).
 - `history_figure`, `importance_figure`: a study's Optuna history and parameter importances.
+- `sampler_curve_figure`: validation metric against NFE per solver after training.
 - `pareto_figure`: a multi-objective search's trials on its first two objectives, the Pareto
   set joined and labelled with each point's searched values, the chosen point starred.
 - `metric_vs_mr_figure`, `metrics_vs_mr_figure`: a metric (or Acc2 / F1 / Acc7 side by side)
@@ -328,5 +329,35 @@ def pareto_figure(panels: Sequence[ParetoPanel], title: str) -> Figure:
         ax.set_title(panel.study)
         ax.set_xlabel(panel.names[0])
         ax.set_ylabel(panel.names[1])
+        ax.legend(loc="best", fontsize=7)
+    return fig
+
+
+def sampler_curve_figure(choices: Mapping[str, Mapping], title: str) -> Figure:
+    """Per study (a `sweep.sampler_choice` record): the validation metric against NFE per
+    sample, one line per solver with the seed sd as error bars, the training sampler as a
+    square and the pick as a star."""
+    fig = Figure(
+        figsize=((PANEL_INCHES + 1.0) * max(len(choices), 1), PANEL_INCHES + 0.6),
+        dpi=DPI,
+        layout="constrained",
+    )
+    fig.suptitle(title)
+    axes = fig.subplots(1, max(len(choices), 1), squeeze=False)[0]
+    for ax, (study, choice) in zip(axes, choices.items(), strict=False):
+        for solver in dict.fromkeys(p["solver"] for p in choice["grid"]):
+            pts = [p for p in choice["grid"] if p["solver"] == solver]
+            sds = [p["sd"] if p["sd"] == p["sd"] else 0.0 for p in pts]
+            ax.errorbar([p["nfe_per_sample"] for p in pts], [p["mean"] for p in pts], yerr=sds,
+                        marker="o", ms=4, capsize=2, label=solver)  # fmt: skip
+        for role, marker in (("training", "s"), ("picked", "*")):
+            p = choice[role]
+            ax.plot(p["nfe_per_sample"], p["mean"], marker, c="k", ms=10 if marker == "*" else 7,
+                    mfc="none" if marker == "s" else "gold",
+                    label=f"{role}: {p['solver']} x {p['steps']}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(study)
+        ax.set_xlabel("NFE per sample (log)")
+        ax.set_ylabel(choice["metric"])
         ax.legend(loc="best", fontsize=7)
     return fig

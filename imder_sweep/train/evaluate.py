@@ -128,6 +128,37 @@ def evaluate_at_mrs(
     return out
 
 
+SAMPLER_METRICS = ("loss", "mae", "acc2", "f1", "acc7", "corr")
+
+
+def evaluate_samplers(
+    model: IMDer,
+    valid: SplitData,
+    batch_size: int,
+    seed: int,
+    grid: Sequence[tuple[str, int]],
+) -> list[dict[str, Any]]:
+    """The validation split under each (solver, steps) of `grid` (eq. 14 solved another way,
+    the trained model unchanged, the other sampler settings the model's own), each with its
+    NFE per sample: the accuracy-against-NFE curve of `final.samplers`. The noise is the
+    validation pass's own (`seed`), so every point is paired with the training sampler's."""
+    out = []
+    for solver, steps in grid:
+        sampler = type(model.cfg.sampler).model_validate(
+            {**model.cfg.sampler.model_dump(), "solver": solver, "steps": steps}
+        )
+        got = evaluate(model, valid, batch_size, seed, "valid", sampler=sampler)
+        out.append(
+            {
+                "solver": solver,
+                "steps": steps,
+                "nfe_per_sample": got["nfe_per_sample"],
+                "valid": {k: got[k] for k in SAMPLER_METRICS},
+            }
+        )
+    return out
+
+
 def export_recovered_features(
     model: IMDer,
     splits: dict[str, SplitData],

@@ -35,6 +35,7 @@ from imder_sweep.train.evaluate import (
     eval_batch_size,
     evaluate,
     evaluate_at_mrs,
+    evaluate_samplers,
     export_recovered_features,
 )
 from imder_sweep.train.health import encoded_stats, stage_probe
@@ -410,6 +411,32 @@ def stage_b_result(
     )
 
 
+def best_checkpoint_evaluations(
+    model: IMDer,
+    splits: dict[str, SplitData],
+    cfg: TrialConfig,
+    evaluate_test: bool,
+    test_mrs: Sequence[float],
+    robustness_seed: int | None,
+    sampler_grid: Sequence[tuple[str, int]],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """What `run_trial` asks of the best checkpoint: the test split once (or nothing), then, if
+    asked, the test split at other missing rates and the validation split under other
+    samplers; returns the test metrics and the `extra` entries."""
+    eval_bs = eval_batch_size(cfg.train)
+    test = evaluate(model, splits["test"], eval_bs, cfg.seed, "test") if evaluate_test else {}
+    extra: dict[str, Any] = {}
+    if test_mrs:
+        mask_seed = cfg.seed if robustness_seed is None else robustness_seed
+        extra["robustness"] = evaluate_at_mrs(
+            model, splits["test"], eval_bs, cfg.seed, test_mrs, mask_seed
+        )
+    if sampler_grid and model.score is not None:
+        valid = splits["valid"]
+        extra["samplers"] = evaluate_samplers(model, valid, eval_bs, cfg.seed, sampler_grid)
+    return test, extra
+
+
 def pretrain_cache(cache_dir: Path | None, out_dir: Path | None) -> Path:
     """Where a trial keeps its stage-(a) checkpoints: `cache_dir`, or `out_dir/pretrain-cache`."""
     if cache_dir:
@@ -433,6 +460,7 @@ def run_trial(
     parallel: DataParallel | None = None,
     test_mrs: Sequence[float] = (),
     robustness_seed: int | None = None,
+    sampler_grid: Sequence[tuple[str, int]] = (),
 ) -> TrialResult:
     """One trial end to end: (a) pretraining (cached), (b) incomplete training, test once.
 
@@ -444,6 +472,9 @@ def run_trial(
     `test_mrs`: the best checkpoint is also tested at each of these MRs (random protocol, masks
     from `robustness_seed`, default cfg.seed), into `result.extra["robustness"]`
     (`evaluate_at_mrs`); a sweep passes one seed so every model sees the same masks per MR.
+    `sampler_grid`: (solver, steps) pairs the best checkpoint is also evaluated under on the
+    validation split, into `result.extra["samplers"]` (`evaluate_samplers`; models with score
+    nets only).
     """
     check_test_mrs(test_mrs, evaluate_test)
     t_start = time.perf_counter()
@@ -464,15 +495,11 @@ def run_trial(
         "train", model, splits, cfg, cfg.train.epochs, reporter, state_dir, resume, parallel
     )
     model.load_state_dict(progress.best_state)
-    eval_bs = eval_batch_size(cfg.train)
-    # Once, on the best checkpoint; then, if asked, at other test missing rates.
-    test = evaluate(model, splits["test"], eval_bs, cfg.seed, "test") if evaluate_test else {}
-    extra: dict[str, Any] = {"score_warmup": warmup} if warmup else {}
-    if test_mrs:
-        mask_seed = cfg.seed if robustness_seed is None else robustness_seed
-        extra["robustness"] = evaluate_at_mrs(
-            model, splits["test"], eval_bs, cfg.seed, test_mrs, mask_seed
-        )
+    test, extra = best_checkpoint_evaluations(
+        model, splits, cfg, evaluate_test, test_mrs, robustness_seed, sampler_grid
+    )
+    if warmup:
+        extra["score_warmup"] = warmup
     result = stage_b_result(cfg, progress, splits, test, pretrain_info, t_start, extra)
     if out_dir is not None:
         scored = ("valid", "test") if evaluate_test else ("valid",)
