@@ -341,6 +341,17 @@ def _comparison_lines(space: Space) -> list[str]:
     if space.test_mrs:
         mrs = ", ".join(f"{mr:g}" for mr in space.test_mrs)
         lines.append(f"robustness   every final model also tested at MR {mrs} (no retraining)")
+    pick = space.file.final.pick
+    if pick != "best":
+        lines.append(
+            f"final pick   of the Pareto set, the cheapest within {pick.cheapest_within:g} of the "
+            "best first objective"
+        )
+    if grid := space.sampler_grid:
+        lines.append(
+            f"samplers     every final model on valid under {len(grid)} solver x steps pairs; the "
+            "cheapest within the seed sd of the training sampler is tested too"
+        )
     return lines
 
 
