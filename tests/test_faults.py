@@ -177,7 +177,7 @@ def test_train_worker_killed_mid_trial(tmp_path: Path) -> None:
         resources={"workers": 2, "cpus_per_worker": 1},
     )
     raw = yaml.safe_load(space.read_text())
-    raw["fixed"]["train"]["epochs"] = 6
+    raw["fixed"]["train"]["epochs"] = 4
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**_sweep_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     log = tmp_path / "sweep.log"
@@ -204,8 +204,8 @@ def test_train_worker_killed_mid_trial(tmp_path: Path) -> None:
     text = log.read_text()
     (result,) = (storage_dir / "killed" / "mr0.3").glob("trial-*/result.json")
     epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
-    assert epochs == list(range(1, 7)), text[-3000:]
-    _every_epoch_once(MlflowClient(env["MLFLOW_TRACKING_URI"]), "killed", epochs=6)
+    assert epochs == list(range(1, 5)), text[-3000:]
+    _every_epoch_once(MlflowClient(env["MLFLOW_TRACKING_URI"]), "killed", epochs=4)
 
 
 def test_result_files_are_whole_after_a_crash(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ TRIALS = 50
 def test_fifty_trials_four_at_a_time(tmp_path: Path) -> None:
     raw = yaml.safe_load(DEMO.read_text())
     raw["fixed"]["data"]["source"] = "synthetic:mosi?scale=0.05"
-    raw["fixed"]["train"].update(pretrain_epochs=1, epochs=2)
+    raw["fixed"]["train"].update(pretrain_epochs=1, epochs=1)  # short: the load is in the trials
     raw["studies"] = {"mr": [0.5]}
     raw["search"].update(num_samples=TRIALS, max_concurrent=4, asha={"grace_period": 1})
     raw["resources"] = {"workers": 1, "cpus_per_worker": 0.5}

@@ -40,7 +40,7 @@ def _space(tmp_path: Path) -> Path:
     raw["fixed"]["train"].update(pretrain_epochs=1, epochs=3)
     raw["search"]["asha"] = None
     raw["studies"] = {"mr": [0.3]}
-    raw["final"] = {"seeds": 2}
+    raw["final"] = {"seeds": 1}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

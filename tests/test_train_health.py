@@ -194,7 +194,7 @@ def on_and_off(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _without_health(row: dict[str, float]) -> dict[str, float]:
-    speed = ("epoch_seconds", "samples_per_second")
+    speed = ("epoch_seconds", "samples_per_second", "seconds_per_sample")
     return {
         k: v for k, v in row.items() if "health_" not in k and "dsm_" not in k and k not in speed
     }
