@@ -34,26 +34,15 @@ import torch
 
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.recovery_probe import run_probe
+from imder_sweep.solver_study import STUDY_TRIAL as SOLVER_STUDY_TRIAL
 from imder_sweep.stats import mean_std, paired_difference
 from imder_sweep.train.config import TrialConfig
 from imder_sweep.train.loop import run_trial
 from imder_sweep.util import deep_merge, nest
 
-# examples/trial-tiny.yaml's trial at EM-25: the release's sampler, fewer steps (CPU budget).
-STUDY_TRIAL: dict[str, Any] = {
-    "seed": 0,
-    "data": {"source": "synthetic:mosi?scale=0.1"},
-    "protocol": {"kind": "random", "mr": 0.5},
-    "preset": "reference_mosi",
-    "model": {
-        "beta": 0.1,
-        "sampler": {"solver": "euler_maruyama", "steps": 25},
-        "score_net": {"width": 0.5},
-        "reconstruction": {"blocks": 4},
-        "fusion": {"nlevels": 2, "embed_dropout": 0.0, "attn_dropout_a": 0.0},
-    },
-    "train": {"pretrain_epochs": 8, "epochs": 6, "batch_size": 32, "early_stop": 10},
-}
+# examples/trial-tiny.yaml's trial (the solver study's) at EM-25: the release's sampler, fewer
+# steps (CPU budget).
+STUDY_TRIAL: dict[str, Any] = deep_merge(SOLVER_STUDY_TRIAL, {"model": {"sampler": {"steps": 25}}})
 BEST = {
     "model.score_net.parameterization": "edm",
     "model.score_loss.condition_noise": "clean",
