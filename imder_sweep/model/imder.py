@@ -70,10 +70,26 @@ def _plain_noise(like: Tensor) -> Tensor:
     return torch.randn_like(like)
 
 
+RECOVERY_TARGETS: tuple[str, str] = ("simulated", "observed_only")
+
+
 class IMDer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """`recovery_targets` (`train.recovery_targets`): what L_score and L_rec learn from.
+    "simulated" (the paper): the simulated-missing modality's ground truth, at the rows that
+    miss it. "observed_only": for each modality k, only the rows that have k and at least one
+    other modality, with k hidden from its condition (the row's other observed modalities);
+    rows missing k add no recovery loss, and the features of a missing modality are set to 0
+    before anything reads them, so no loss and no prediction ever reads a missing value."""
+
+    def __init__(self, cfg: ModelConfig, recovery_targets: str = "simulated") -> None:
         super().__init__()
+        if recovery_targets not in RECOVERY_TARGETS:
+            raise ValueError(
+                f"recovery_targets must be one of {', '.join(RECOVERY_TARGETS)}, got "
+                f"{recovery_targets!r}"
+            )
         self.cfg = cfg
+        self.recovery_targets = recovery_targets
         d, length = cfg.d_model, cfg.feature_len
         self.sde = build_sde(cfg.sde.kind, sigma=cfg.sde.sigma)
         self.encoders = nn.ModuleDict(
@@ -275,6 +291,13 @@ class IMDer(nn.Module):
         trained model is evaluated under another solver or step count without being rebuilt.
         """
         mask = mask.to(torch.bool)
+        observed_only = self.recovery_targets == "observed_only"
+        if observed_only:
+            # Selected, not multiplied: a missing NaN reads 0 as well.
+            inputs = {
+                m: torch.where(mask[:, k, None, None], inputs[m], inputs[m].new_zeros(()))
+                for k, m in enumerate(MODALITIES)
+            }
         feats = self.encode(inputs)
         B = mask.shape[0]
         device = mask.device
@@ -301,6 +324,7 @@ class IMDer(nn.Module):
                 seeds[k] if seeds else None,
                 (full, where.index_select(0, rows)),
                 sampler,
+                losses=not observed_only,
             )
             out.nfe += nfe
             out.nfe_rows += nfe * rows.numel()
@@ -310,8 +334,49 @@ class IMDer(nn.Module):
             fused_inputs[m] = feats[m].index_copy(0, rows, filled.to(feats[m].dtype))
             out.loss_score = out.loss_score.index_add(0, rows, loss_score)
             out.loss_rec = out.loss_rec.index_add(0, rows, loss_rec)
+        if observed_only and self.training:
+            self._observed_losses(out, feats, mask, generator, (full, where))
         out.pred, _ = self.fusion(fused_inputs)
         return out
+
+    def _observed_losses(
+        self,
+        out: IMDerOutput,
+        feats: dict[str, Tensor],
+        mask: Tensor,
+        generator: torch.Generator | None,
+        positions: tuple[int, Tensor],
+    ) -> None:
+        """`recovery_targets: observed_only`: L_score and L_rec of each modality k at the rows
+        that have k and another modality, k recovered from the others alone (`condition` reads
+        only the other two modalities' availability); added to `out`'s per-row losses. Their
+        noise comes from a second set of modality streams, so the recovery of missing rows
+        draws what it draws under "simulated"."""
+        if self.cfg.recovery in ("zero", "mean"):
+            return
+        seeds = _modality_seeds(generator)
+        full, where = positions
+        observed = mask.cpu()
+        for k, m in enumerate(MODALITIES):
+            others = [j for j in range(len(MODALITIES)) if j != k]
+            rows = (observed[:, k] & observed[:, others].any(dim=1)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rows = rows.to(mask.device)
+            _, _, loss_score, loss_rec, nfe = self._recover(
+                m,
+                feats,
+                mask,
+                rows,
+                seeds[k] if seeds else None,
+                (full, where.index_select(0, rows)),
+                None,
+                fill=self.cfg.recovery == "diffusion+reconstruction",
+            )
+            out.nfe += nfe
+            out.nfe_rows += nfe * rows.numel()
+            out.loss_score = out.loss_score.index_add(0, rows, loss_score)
+            out.loss_rec = out.loss_rec.index_add(0, rows, loss_rec)
 
     def _recover(
         self,
@@ -322,14 +387,18 @@ class IMDer(nn.Module):
         seed: int | None,
         noise_rows: tuple[int, Tensor],
         sampler: SamplerConfig | None,
+        losses: bool = True,
+        fill: bool = True,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
         """Recovered features, the sampler's output (None without one), per-row L_score and
         L_rec, and NFE for modality m at `rows`; `noise_rows` = (N, where): their rows in the
-        batch of N that the noise stream draws."""
+        batch of N that the noise stream draws. Without `losses` both losses are 0 and the
+        rows' own features are never read; without `fill` the sampler runs only when L_rec
+        needs its output (the returned features are then not the recovery)."""
         mode = self.cfg.recovery
         n = rows.numel()
         full, where = noise_rows
-        truth = feats[m].index_select(0, rows)  # (n, d, L')
+        truth = feats[m].index_select(0, rows)  # (n, d, L'); read only with `losses`
         zero = truth.new_zeros(n)
         if mode == "zero":
             return torch.zeros_like(truth), None, zero, zero, 0
@@ -338,14 +407,14 @@ class IMDer(nn.Module):
         cond = self.condition(feats, mask, m).index_select(0, rows)
         if mode == "reconstruction":
             rec = self.rec[m](cond)
-            return rec, None, zero, _mse(rec, truth), 0
+            return rec, None, zero, _mse(rec, truth) if losses else zero, 0
         gen, draw = None, None
         if seed is not None:
             gen = torch.Generator(device=truth.device).manual_seed(seed)
             draw = _RowNoise(gen, full, where)
         draw = draw or _plain_noise
         loss_score = zero
-        if self.training:
+        if self.training and losses:
             t = (
                 sample_time(
                     full, self.cfg.score_loss.t_eps, device=truth.device, generator=gen
@@ -367,11 +436,13 @@ class IMDer(nn.Module):
                 z_cond=z_cond,
                 sigma_data=self.score[m].sigma_data if edm else None,
             )
+        if not fill:
+            return truth, None, loss_score, zero, 0
         sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw, sampler=sampler)
         if mode == "diffusion":
             return sampled, sampled, loss_score, zero, nfe
         rec = self.rec[m](sampled)
-        return rec, sampled, loss_score, _mse(rec, truth), nfe
+        return rec, sampled, loss_score, _mse(rec, truth) if losses else zero, nfe
 
     def loss(self, out: IMDerOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Eq. 20: L_task (L1) + beta (L_score + L_rec), averaged over the batch."""

@@ -13,9 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from imder_sweep.modalities import subset_to_pattern
 from imder_sweep.model.config import PRESETS, ModelConfig
-from imder_sweep.protocols import normalize_mr
+from imder_sweep.protocols import ALL_PARAMETERS, check_parameters, protocol_label
 from imder_sweep.util import ConfigError, deep_merge, set_dotted
 
 
@@ -32,37 +31,68 @@ class DataConfig(_Config):
 
 
 class ProtocolConfig(_Config):
-    """Missing-modality protocol (paper sec 4.1)."""
+    """Missing-modality protocol (paper sec 4.1, and later work's: `imder_sweep.protocols`,
+    docs/protocols.md). Each kind takes its own parameters (`protocols.PARAMETERS`); the rest
+    stay unset. `resample: epoch` draws the training masks again every epoch."""
 
-    kind: Literal["random", "fixed", "reference-schedule"] = "random"
-    mr: float | None = 0.0  # random and reference-schedule; 0.7 means 2/3
+    kind: Literal[
+        "random",
+        "fixed",
+        "reference-schedule",
+        "instance_prob",
+        "per_modality",
+        "erasure",
+        "test_only",
+    ] = "random"
+    mr: float | None = None  # random, reference-schedule; 0.7 means 2/3; default 0.0
     subset: str | None = None  # fixed: the available modalities, e.g. "lv"
+    p: float | None = None  # instance_prob: the probability that a sample is incomplete
+    r_l: float | None = None  # per_modality: each modality's missing rate
+    r_a: float | None = None
+    r_v: float | None = None
+    rate: float | None = None  # erasure: the share of time steps erased in every modality
+    base: str | None = None  # test_only: the protocol of validation and test
+    resample: Literal["split", "epoch"] = "split"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mr(cls, data: Any) -> Any:
+        """An MR protocol given without one runs at MR 0.0, as before other kinds existed."""
+        if isinstance(data, dict):
+            kind = data.get("kind", "random")
+            base = data.get("base") if kind == "test_only" else kind
+            if base in ("random", "reference-schedule") and "mr" not in data:
+                data = {**data, "mr": 0.0}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolConfig:
-        if self.kind == "fixed":
-            if self.subset is None:
-                raise ValueError("protocol.subset is required for the fixed protocol (e.g. 'lv')")
-            subset_to_pattern(self.subset)
-        else:
-            if self.mr is None:
-                raise ValueError(f"protocol.mr is required for the {self.kind} protocol")
-            normalize_mr(self.mr)
-            if self.subset is not None:
-                raise ValueError(f"protocol.subset={self.subset!r} only applies to kind 'fixed'")
+        # Its ValueError reads "key: why", shown under "protocol: ".
+        check_parameters(self.kind, {k: getattr(self, k) for k in ALL_PARAMETERS})
+        base = self.base if self.kind == "test_only" else self.kind
+        # (Under "fixed" a redraw is the same subset: allowed, so one space file can resample
+        # its MR studies beside its fixed-subset ones.)
+        if self.resample == "epoch" and base == "reference-schedule":
+            raise ValueError(
+                "resample: 'epoch' redraws the masks every epoch; the reference-schedule "
+                "protocol assigns the published code's schedule once (use resample: split)"
+            )
         return self
+
+    def parameters(self) -> dict[str, Any]:
+        """The kind's own parameters (test_only: `base` and the base's)."""
+        return check_parameters(self.kind, {k: getattr(self, k) for k in ALL_PARAMETERS})
 
     @property
     def label(self) -> str:
-        """Short name of the study this protocol defines: `mr0.3` or `fixed-lv`."""
-        return f"fixed-{self.subset}" if self.kind == "fixed" else f"mr{self.mr:g}"
+        """Short name of the study this protocol defines: `mr0.3`, `fixed-lv`,
+        `erasure-rate0.3` (`protocols.protocol_label`), with `-epoch` when resampled."""
+        label = protocol_label(self.kind, self.parameters())
+        return f"{label}-epoch" if self.resample == "epoch" else label
 
     def masks_args(self) -> dict[str, Any]:
-        return {
-            "protocol": self.kind,
-            "mr": None if self.kind == "fixed" else self.mr,
-            "subset": self.subset if self.kind == "fixed" else None,
-        }
+        """What the masks depend on besides the seed and the split (`protocols.draw_masks`)."""
+        return {"protocol": self.kind, "params": self.parameters(), "resample": self.resample}
 
 
 class TrainConfig(_Config):
@@ -92,6 +122,10 @@ class TrainConfig(_Config):
     # nothing under a recovery without score nets (zero, mean, reconstruction), so baseline
     # variants of a warmed-up configuration build.
     score_warmup_epochs: int = Field(0, ge=0)
+    # What L_score and L_rec (eqs. 13, 17) learn from: "simulated", the paper's, the simulated-
+    # missing modality's ground truth; "observed_only", only the modalities a sample has, each
+    # hidden from its own condition (`IMDer`, docs/protocols.md): no loss reads a missing value.
+    recovery_targets: Literal["simulated", "observed_only"] = "simulated"
 
 
 # The released training settings per preset: a preset sets these unless the config gives them.
@@ -148,7 +182,9 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     """One line per problem: origin, dotted key, the value given, what is wrong."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # A <tag> names the form a tagged union took, not a key the user wrote.
+        parts = [str(p) for p in e["loc"] if not str(p).startswith("<")]
+        key = ".".join(parts) or "(top level)"
         given = e.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         msg = e["msg"].removeprefix("Value error, ")

@@ -4,8 +4,7 @@ distribution-consistency numbers (Fig. 3/4 as numbers)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from imder_sweep.data import SPLITS
 from imder_sweep.metrics import regression_metrics
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer, SamplerConfig
-from imder_sweep.protocols import realised_mr, split_masks
+from imder_sweep.protocols import draw_masks
 from imder_sweep.train.config import TrainConfig, TrialConfig
 from imder_sweep.train.health import HealthProbe
 from imder_sweep.train.splits import SplitData
@@ -103,6 +102,15 @@ def evaluate(
     return metrics
 
 
+def test_protocol_params(protocol: Mapping[str, Any] | None, value: float) -> tuple[str, dict]:
+    """The protocol and parameters of one robustness level: `protocol` = {"kind": K,
+    "parameter": P, **K's other parameters} at P = `value`; None: the random protocol's MR."""
+    if protocol is None:
+        return "random", {"mr": value}
+    rest = {k: v for k, v in protocol.items() if k not in ("kind", "parameter")}
+    return protocol["kind"], {**rest, protocol["parameter"]: value}
+
+
 def evaluate_at_mrs(
     model: IMDer,
     test: SplitData,
@@ -110,20 +118,27 @@ def evaluate_at_mrs(
     seed: int,
     mrs: Sequence[float],
     mask_seed: int,
+    protocol: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The test split once per missing rate in `mrs` under the random protocol (sec 4.1; 0.7
-    means 2/3), masks drawn from `mask_seed` as `protocols.split_masks` draws the test masks,
-    so a model trained at rate r with seed `mask_seed` sees its own test masks at r.
+    """The test split once per level in `mrs`: the random protocol's MR (sec 4.1; 0.7 means
+    2/3), or `protocol`'s parameter at that value (`test_protocol_params`), masks drawn from
+    `mask_seed` as `protocols.draw_masks` draws the test masks, so a model trained at level r
+    with seed `mask_seed` sees its own test masks at r.
 
-    Returns f"{mr:g}" -> the metrics of `evaluate` (sampling noise from `seed`, as the test
-    evaluation) plus `realised_mr`, the realised MR of those masks."""
+    Returns f"{level:g}" -> the metrics of `evaluate` (sampling noise from `seed`, as the test
+    evaluation) plus `realised_mr`, the realised MR of those masks, and `realised_<measure>`
+    of every `protocols.realised_rates` measure."""
     out: dict[str, dict[str, float]] = {}
+    seq_len = int(test.inputs["l"].shape[1])
     for mr in mrs:
-        masks = split_masks("random", {"test": len(test)}, mr, None, mask_seed)["test"]  # (N, 3)
-        data = replace(test, masks=torch.from_numpy(masks).to(test.masks.device))
+        kind, params = test_protocol_params(protocol, mr)
+        masks = draw_masks(kind, params, {"test": len(test)}, mask_seed, seq_len=seq_len)["test"]
+        data = test.with_masks(masks)
+        realised = data.realised()
         out[f"{mr:g}"] = {
             **evaluate(model, data, batch_size, seed, "test"),
-            "realised_mr": realised_mr(masks),
+            "realised_mr": realised["mr"],
+            **{f"realised_{k}": v for k, v in realised.items() if k != "mr"},
         }
     return out
 

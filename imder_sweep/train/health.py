@@ -35,17 +35,29 @@ def health_generator_seed(seed: int, split: str, modality: str) -> int:
 
 
 @torch.no_grad()
-def encoded_stats(model: IMDer, data: SplitData) -> tuple[Tensor, Tensor]:
+def encoded_stats(
+    model: IMDer, data: SplitData, observed_only: bool = False
+) -> tuple[Tensor, Tensor]:
     """Per-element mean and (population) variance over the samples of `data` of the encoded
     features, each (3, d, L') in l, a, v order: the "mean" baseline's fill and the reference
     that health's R^2 is measured against, and the Gaussian of the prior score. The encoders
-    run in eval mode (no dropout draw); the model's mode is restored."""
+    run in eval mode (no dropout draw); the model's mode is restored. With `observed_only`
+    (`train.recovery_targets: observed_only`), each modality's over the samples that have it
+    only: no missing value is read."""
     was_training = model.training
     model.eval()
-    feats = model.encode(data.inputs)  # modality -> (N, d, L')
+    inputs, _, masks = data.batch(torch.arange(len(data), device=data.labels.device))
+    feats = model.encode(inputs)  # modality -> (N, d, L'); the encoders work per sample
     model.train(was_training)
-    mean = torch.stack([feats[m].mean(dim=0) for m in MODALITIES])
-    var = torch.stack([feats[m].var(dim=0, correction=0) for m in MODALITIES])
+    if observed_only:
+        feats = {m: feats[m][masks[:, k]] for k, m in enumerate(MODALITIES)}
+    # A modality no sample has (e.g. fixed subset "l", observed only) has no statistics: 0, 1.
+    mean = torch.stack(
+        [f.mean(dim=0) if len(f) else f.new_zeros(f.shape[1:]) for f in feats.values()]
+    )
+    var = torch.stack(
+        [f.var(dim=0, correction=0) if len(f) else f.new_ones(f.shape[1:]) for f in feats.values()]
+    )
     return mean, var
 
 

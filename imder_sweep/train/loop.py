@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from imder_sweep.data import SPLITS, MultimodalDataset, load_dataset
 from imder_sweep.model import IMDer
-from imder_sweep.protocols import normalize_mr, realised_mr
+from imder_sweep.protocols import check_parameters, realised_mr
 from imder_sweep.train.config import TrainConfig, TrialConfig
 from imder_sweep.train.evaluate import (
     eval_batch_size,
@@ -37,10 +37,11 @@ from imder_sweep.train.evaluate import (
     evaluate_at_mrs,
     evaluate_samplers,
     export_recovered_features,
+    test_protocol_params,
 )
 from imder_sweep.train.health import encoded_stats, stage_probe
 from imder_sweep.train.parallel import DataParallel
-from imder_sweep.train.splits import SplitData, prepare_splits
+from imder_sweep.train.splits import SplitData, prepare_splits, trial_masks
 from imder_sweep.train.state import STATE_FILE, LoopState, Progress, atomic_torch_save
 from imder_sweep.train.warmup import warm_up
 from imder_sweep.util import atomic_write_json
@@ -222,10 +223,14 @@ def fit_stage(
     forward = parallel.wrap(model) if parallel is not None else None
     train, valid = splits["train"], splits["valid"]
     realised = {s: realised_mr(splits[s].masks.cpu().numpy()) for s in ("train", "valid")}
+    resample = stage == "train" and cfg.protocol.resample == "epoch"
     # A stage resumed from its last epoch's or its early stop's checkpoint (a trial whose
     # process died after its last report) trains no further epoch.
     while not progress.done(epochs, tc.early_stop):
         epoch, t0 = progress.epoch + 1, time.perf_counter()
+        if resample:
+            train = epoch_train_split(splits["train"], cfg, epoch)
+            realised["train"] = realised_mr(train.masks.cpu().numpy())
         order = torch.randperm(len(train), generator=order_gen)
         tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
         t_valid = time.perf_counter()
@@ -255,6 +260,16 @@ def fit_stage(
         if reporter is not None:
             reporter(stage, epoch, progress.history[-1], ckpt)
     return progress
+
+
+def epoch_train_split(train: SplitData, cfg: TrialConfig, epoch: int) -> SplitData:
+    """The training split of `epoch` under `protocol.resample: epoch`: the split's own masks in
+    the first epoch, a fresh draw from (protocol, parameters, seed, epoch) in every later one,
+    so every trial of a study sees the same masks each epoch, and a resumed one too."""
+    if epoch == 1:
+        return train
+    seq_len = int(train.inputs["l"].shape[1])
+    return train.with_masks(trial_masks(cfg, {"train": len(train)}, seq_len, epoch)["train"])
 
 
 def pretrain_key(cfg: TrialConfig, data_checksum: str) -> str:
@@ -351,7 +366,7 @@ def init_stage_b(
     """Stage (b)'s model, from the stage-(a) checkpoint `pretrained` (encoders frozen unless
     configured otherwise), and its splits with the protocol's masks."""
     torch.manual_seed(cfg.seed)
-    model = IMDer(cfg.model).to(device)
+    model = IMDer(cfg.model, recovery_targets=cfg.train.recovery_targets).to(device)
     if pretrained is not None:
         missing = model.load_state_dict(torch.load(pretrained, map_location=device), strict=False)
         assert not missing.unexpected_keys, missing.unexpected_keys
@@ -359,7 +374,8 @@ def init_stage_b(
         model.encoders.requires_grad_(False)
     splits = prepare_splits(dataset, cfg, device)
     if cfg.model.recovery == "mean" or model.needs_feature_stats:
-        model.set_feature_stats(*encoded_stats(model, splits["train"]))
+        observed = cfg.train.recovery_targets == "observed_only"
+        model.set_feature_stats(*encoded_stats(model, splits["train"], observed_only=observed))
     return model, splits
 
 
@@ -378,12 +394,16 @@ def pretraining_only(cfg: TrialConfig, info: dict[str, Any], seconds: float) -> 
     )
 
 
-def check_test_mrs(test_mrs: Sequence[float], evaluate_test: bool) -> None:
-    """Refuse robustness rates before any training: out of range, or with no test evaluation."""
+def check_test_mrs(
+    test_mrs: Sequence[float], evaluate_test: bool, protocol: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse robustness levels before any training: out of range for the random protocol's
+    MR or `protocol`'s parameter (`evaluate.test_protocol_params`), or with no test
+    evaluation."""
     if test_mrs and not evaluate_test:
         raise ValueError("test_mrs evaluate the test split: they need evaluate_test=True")
     for mr in test_mrs:
-        normalize_mr(mr)
+        check_parameters(*test_protocol_params(protocol, mr))
 
 
 def stage_b_result(
@@ -396,7 +416,9 @@ def stage_b_result(
     extra: dict[str, Any],
 ) -> TrialResult:
     """The result of a trial that trained stage (b): its best epoch's valid metrics, the test
-    metrics (or none), the realised MR per split and the stage's history."""
+    metrics (or none), the realised MR per split (and in `extra["realised"]` every realised
+    rate, `protocols.realised_rates`: the first epoch's draw for a resampled training split)
+    and the stage's history."""
     return TrialResult(
         valid=progress.best_metrics,
         test=test,
@@ -407,7 +429,7 @@ def stage_b_result(
         pretrain=pretrain_info,
         seconds=time.perf_counter() - t_start,
         config=cfg.model_dump(mode="json"),
-        extra=extra,
+        extra={"realised": {s: splits[s].realised() for s in SPLITS}, **extra},
     )
 
 
@@ -419,6 +441,7 @@ def best_checkpoint_evaluations(
     test_mrs: Sequence[float],
     robustness_seed: int | None,
     sampler_grid: Sequence[tuple[str, int]],
+    test_protocol: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """What `run_trial` asks of the best checkpoint: the test split once (or nothing), then, if
     asked, the test split at other missing rates and the validation split under other
@@ -429,7 +452,7 @@ def best_checkpoint_evaluations(
     if test_mrs:
         mask_seed = cfg.seed if robustness_seed is None else robustness_seed
         extra["robustness"] = evaluate_at_mrs(
-            model, splits["test"], eval_bs, cfg.seed, test_mrs, mask_seed
+            model, splits["test"], eval_bs, cfg.seed, test_mrs, mask_seed, test_protocol
         )
     if sampler_grid and model.score is not None:
         valid = splits["valid"]
@@ -461,6 +484,7 @@ def run_trial(
     test_mrs: Sequence[float] = (),
     robustness_seed: int | None = None,
     sampler_grid: Sequence[tuple[str, int]] = (),
+    test_protocol: Mapping[str, Any] | None = None,
 ) -> TrialResult:
     """One trial end to end: (a) pretraining (cached), (b) incomplete training, test once.
 
@@ -472,11 +496,13 @@ def run_trial(
     `test_mrs`: the best checkpoint is also tested at each of these MRs (random protocol, masks
     from `robustness_seed`, default cfg.seed), into `result.extra["robustness"]`
     (`evaluate_at_mrs`); a sweep passes one seed so every model sees the same masks per MR.
+    With `test_protocol` ({"kind", "parameter", other parameters}) they are levels of that
+    protocol's parameter instead (`final.test_mr: {protocol: erasure, rate: [...]}`).
     `sampler_grid`: (solver, steps) pairs the best checkpoint is also evaluated under on the
     validation split, into `result.extra["samplers"]` (`evaluate_samplers`; models with score
     nets only).
     """
-    check_test_mrs(test_mrs, evaluate_test)
+    check_test_mrs(test_mrs, evaluate_test, test_protocol)
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     dataset = trial_dataset(cfg, dataset)
@@ -496,7 +522,7 @@ def run_trial(
     )
     model.load_state_dict(progress.best_state)
     test, extra = best_checkpoint_evaluations(
-        model, splits, cfg, evaluate_test, test_mrs, robustness_seed, sampler_grid
+        model, splits, cfg, evaluate_test, test_mrs, robustness_seed, sampler_grid, test_protocol
     )
     if warmup:
         extra["score_warmup"] = warmup

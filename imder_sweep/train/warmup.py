@@ -1,5 +1,6 @@
 """Score warm-up (`train.score_warmup_epochs`): denoising score matching alone (eqs. 13, 18) on
-the complete training data, before stage (b).
+the complete training data (under `train.recovery_targets: observed_only`, the observed
+modalities of the training split only), before stage (b).
 
 In stage (b) a score net s_k learns only from the samples that miss k, while the sampler runs
 inside every step. The warm-up trains every s_k on every training sample instead: modality k is
@@ -60,6 +61,8 @@ def warmup_key(cfg: TrialConfig, pretrain_key: str) -> str:
             include={"score_warmup_epochs", "batch_size", "lr", "weight_decay", "grad_clip"},
         ),
     }
+    if t.recovery_targets == "observed_only":  # it learns from the training masks then
+        key["observed_only"] = cfg.protocol.masks_args()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -115,15 +118,28 @@ def simulated_mask(target: int, batch: int, gen: torch.Generator, device: torch.
     return mask
 
 
-def warmup_loss(model: IMDer, feats: dict[str, Tensor], gen: torch.Generator) -> Tensor:
-    """Eq. 13 summed over the three modalities as targets, averaged over the batch."""
+def warmup_loss(
+    model: IMDer, feats: dict[str, Tensor], gen: torch.Generator, observed: Tensor | None = None
+) -> Tensor:
+    """Eq. 13 summed over the three modalities as targets, averaged over the batch. With
+    `observed` (B, 3), the batch's own availability (`train.recovery_targets:
+    observed_only`): target k only at the rows that have it and another modality, conditioned
+    on those others, averaged over those rows; no simulated masks, no missing value."""
     cfg = model.cfg
     edm = cfg.score_net.parameterization == "edm"
     total = torch.zeros((), device=feats["l"].device)
     for k, m in enumerate(MODALITIES):
-        x0 = feats[m]
-        n, device = x0.shape[0], x0.device
-        cond = model.condition(feats, simulated_mask(k, n, gen, device), m)
+        x0, device = feats[m], feats[m].device
+        if observed is None:
+            cond = model.condition(feats, simulated_mask(k, x0.shape[0], gen, device), m)
+        else:
+            others = [j for j in range(len(MODALITIES)) if j != k]
+            rows = (observed[:, k] & observed[:, others].any(dim=1)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            cond = model.condition(feats, observed, m).index_select(0, rows)
+            x0 = x0.index_select(0, rows)
+        n = x0.shape[0]
         t = sample_time(n, cfg.score_loss.t_eps, device=device, generator=gen)
         z = torch.randn(x0.shape, device=device, generator=gen)
         independent = cfg.score_loss.condition_noise == "independent"
@@ -144,12 +160,14 @@ def warmup_loss(model: IMDer, feats: dict[str, Tensor], gen: torch.Generator) ->
 
 
 def score_warmup(model: IMDer, train: SplitData, cfg: TrialConfig) -> dict[str, Any]:
-    """Run `cfg.train.score_warmup_epochs` epochs of the warm-up on `train` (masks ignored:
-    every sample is complete); returns its record: per-epoch mean loss per element and the
-    seconds, in total and per epoch."""
+    """Run `cfg.train.score_warmup_epochs` epochs of the warm-up on `train` (its masks
+    ignored, every sample complete, unless `train.recovery_targets` is observed_only: then
+    each modality learns at the samples that have it); returns its record: per-epoch mean
+    loss per element and the seconds, in total and per epoch."""
     if model.score is None:
         raise ValueError(f"model.recovery={cfg.model.recovery!r} has no score nets to warm up")
     tc, device = cfg.train, train.labels.device
+    observed_only = tc.recovery_targets == "observed_only"
     params = [*model.score.parameters(), *model.pair_convs.parameters()]
     opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator(device=device).manual_seed(warmup_seed(cfg.seed))
@@ -161,10 +179,16 @@ def score_warmup(model: IMDer, train: SplitData, cfg: TrialConfig) -> dict[str, 
     for _ in range(tc.score_warmup_epochs):
         order, total, seen = torch.randperm(len(train), generator=order_gen), 0.0, 0
         for start in range(0, len(order), tc.batch_size):
-            inputs, _, _ = train.batch(order[start : start + tc.batch_size].to(device))
+            inputs, _, masks = train.batch(order[start : start + tc.batch_size].to(device))
+            observed = masks if observed_only else None
+            if observed is not None:  # missing values are never read, not even encoded
+                inputs = {
+                    m: torch.where(observed[:, k, None, None], x, x.new_zeros(()))
+                    for k, (m, x) in enumerate(inputs.items())
+                }
             with torch.no_grad():
                 feats = model.encode(inputs)
-            loss = warmup_loss(model, feats, gen)
+            loss = warmup_loss(model, feats, gen, observed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip is not None:
