@@ -71,8 +71,13 @@ def _auilc(
 
 
 def studied_mrs(plan: dict[str, Any]) -> dict[str, float]:
-    """study -> its nominal MR (0.7 stands for 2/3), for the random-protocol studies."""
-    return {s["name"]: s["protocol"]["mr"] for s in plan["studies"] if s["kind"] == "mr"}
+    """study -> its nominal level, for the studies over a level: the MR (0.7 stands for 2/3)
+    or the protocol parameter they range over (`Study.parameter`)."""
+    return {
+        s["name"]: s["protocol"][s.get("parameter") or "mr"]
+        for s in plan["studies"]
+        if s["kind"] == "mr"
+    }
 
 
 def auilc_rows(plan: dict[str, Any], rows: Rows) -> list[Auilc]:

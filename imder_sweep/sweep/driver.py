@@ -287,6 +287,7 @@ def study_context(
         tracking=tracking,
         max_failures=sp.search.max_failures,
         test_mrs=sp.test_mrs,
+        test_protocol=sp.test_protocol,
         robustness_seed=sp.search_seed,  # one seed: the same test masks per MR for every model
         sampler_grid=sp.sampler_grid,
     )

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.sweep.experiment import ExperimentDir
-from imder_sweep.sweep.space import Search, Space
+from imder_sweep.sweep.space import Levels, Search, Space
 from imder_sweep.sweep.validation import validated_space
 from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
@@ -73,7 +73,13 @@ class Plan:
             "smoke": self.smoke,
             "data": {"source": self.data_source, "allow_pickle": self.allow_pickle},
             "studies": [
-                {"name": s.name, "kind": s.kind, "label": s.label, "protocol": s.protocol}
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "label": s.label,
+                    "protocol": s.protocol,
+                    "parameter": s.parameter,
+                }
                 for s in sp.studies()
             ],
             "space": {k: d.model_dump(by_alias=True) for k, d in sp.file.space.items()},
@@ -85,6 +91,7 @@ class Plan:
             "final_seeds": sp.final_seeds,
             "variants": sp.variants,
             "test_mr": list(sp.test_mrs),
+            "test_protocol": sp.test_protocol,
             "pick": sp.file.final.model_dump()["pick"],
             "samplers": [list(p) for p in sp.sampler_grid],
             "search_seed": sp.search_seed,
@@ -106,6 +113,7 @@ RESUME_KEYS = (
     "final_seeds",
     "variants",
     "test_mr",
+    "test_protocol",
     "pick",
     "samplers",
 )
@@ -144,10 +152,7 @@ def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
                     "pretrain_epochs": min(first.train.pretrain_epochs, SMOKE["pretrain_epochs"]),
                 },
             },
-            "studies": {
-                "mr": [mr for mr in space.file.studies.mr if f"mr{mr:g}" in keep],
-                "subsets": [s for s in space.file.studies.subsets if f"fixed-{s}" in keep],
-            },
+            "studies": _kept_studies(space, keep),
             "search": {
                 "num_samples": min(space.search.num_samples, SMOKE["num_samples"]),
                 "max_concurrent": min(space.search.max_concurrent, SMOKE["num_samples"]),
@@ -156,12 +161,29 @@ def _smoke(raw: dict[str, Any], space: Space) -> dict[str, Any]:
         },
     )
     # Replaced whole: a merge would keep every variant.
+    test_mr: Any = list(space.test_mrs[: SMOKE["test_mr"]])
+    if isinstance(levels := space.file.final.test_mr, Levels) and test_mr:
+        test_mr = levels.model_dump(exclude_none=True) | {levels.parameter: test_mr}
     shrunk["final"] = {
         "seeds": space.final_seeds[: SMOKE["seeds"]],
         "variants": dict(list(space.variants.items())[: SMOKE["variants"]]),
-        "test_mr": list(space.test_mrs[: SMOKE["test_mr"]]),
+        "test_mr": test_mr,
     }
     return shrunk
+
+
+def _kept_studies(space: Space, keep: set[str]) -> dict[str, Any]:
+    """The `studies` section with the studies named in `keep` only."""
+    subsets = [s for s in space.file.studies.subsets if f"fixed-{s}" in keep]
+    if (levels := space.file.studies.levels()) is not None:
+        values = [
+            s.protocol[levels.parameter]
+            for s in space.studies()
+            if s.name in keep and s.parameter is not None
+        ]
+        ranged = {"mr": []} | {levels.parameter: values}
+        return levels.model_dump(exclude_none=True) | ranged | {"subsets": subsets}
+    return {"mr": [mr for mr in space.file.studies.mr if f"mr{mr:g}" in keep], "subsets": subsets}
 
 
 def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> str:
@@ -340,7 +362,9 @@ def _comparison_lines(space: Space) -> list[str]:
         ]
     if space.test_mrs:
         mrs = ", ".join(f"{mr:g}" for mr in space.test_mrs)
-        lines.append(f"robustness   every final model also tested at MR {mrs} (no retraining)")
+        test = space.test_protocol
+        at = "MR" if test is None else f"{test['kind']} {test['parameter']}"
+        lines.append(f"robustness   every final model also tested at {at} {mrs} (no retraining)")
     pick = space.file.final.pick
     if pick != "best":
         lines.append(

@@ -48,14 +48,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    Discriminator,
     Field,
+    Tag,
     field_validator,
     model_validator,
 )
 
 from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
-from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR
+from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR, check_parameters, protocol_label
 from imder_sweep.samplers import SOLVERS
 from imder_sweep.sweep.distributions import Distribution, Strict
 from imder_sweep.train.config import (
@@ -116,11 +118,92 @@ def _subset(subset: str) -> str:
     return pattern_to_subset(subset_to_pattern(subset))  # canonical spelling: "vl" -> "lv"
 
 
+LevelValue = float | list[float] | None
+
+
+class Levels(Strict):
+    """A protocol whose one list-valued parameter ranges (`studies: {protocol: erasure, rate:
+    [0.1, 0.5]}`, `final.test_mr: {protocol: ..., ...}`): the others are single values."""
+
+    protocol: Literal[
+        "random", "reference-schedule", "instance_prob", "per_modality", "erasure", "test_only"
+    ] = "random"
+    base: str | None = None  # test_only's protocol at validation and test
+    mr: LevelValue = None
+    p: LevelValue = None
+    r_l: LevelValue = None
+    r_a: LevelValue = None
+    r_v: LevelValue = None
+    rate: LevelValue = None
+
+    @model_validator(mode="after")
+    def _one_ranges(self) -> Levels:
+        ranging = [k for k in LEVEL_KEYS if isinstance(getattr(self, k), list)]
+        if len(ranging) != 1:
+            raise ValueError(
+                f"the {self.protocol} protocol's levels: give exactly one of its parameters as "
+                f"a list of values (got {len(ranging)} lists: {', '.join(ranging) or 'none'})"
+            )
+        values = self.values
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"{self.parameter}: the values must be distinct, got {values}")
+        for value in values:
+            check_parameters(self.protocol, self.params(value))  # ValueError: "key: why"
+        return self
+
+    @property
+    def parameter(self) -> str:
+        """The parameter that ranges (mr, p, r_l, r_a, r_v or rate)."""
+        return next(k for k in LEVEL_KEYS if isinstance(getattr(self, k), list))
+
+    @property
+    def values(self) -> list[float]:
+        return list(getattr(self, self.parameter))
+
+    def params(self, value: float) -> dict[str, Any]:
+        """The protocol's parameters at one level (test_only: with `base`)."""
+        given = {k: getattr(self, k) for k in ("base", *LEVEL_KEYS)}
+        return {k: v for k, v in given.items() if v is not None} | {self.parameter: value}
+
+    def test_protocol(self) -> dict[str, Any] | None:
+        """`run_trial`'s test_protocol: None for the random protocol's MR (the default)."""
+        if self.protocol == "random" and self.parameter == "mr":
+            return None
+        fixed = {k: v for k, v in self.params(0.0).items() if k != self.parameter}
+        return {"kind": self.protocol, "parameter": self.parameter, **fixed}
+
+
+# The parameters a level can range over.
+LEVEL_KEYS: tuple[str, ...] = ("mr", "p", "r_l", "r_a", "r_v", "rate")
+
+
+def _levels_or_list(value: Any) -> str:
+    return "<levels>" if isinstance(value, dict | Levels) else "<list>"
+
+
+# A list of MRs (the random protocol), or another protocol's levels: one or the other, so an
+# error names the field as written (`final.test_mr.1`, `final.test_mr.rate`), not both forms
+# (`format_validation_error` leaves out the <tag> of the form).
+TestLevels = Annotated[
+    Annotated[list[Annotated[float, AfterValidator(_paper_mr)]], Tag("<list>")]
+    | Annotated[Levels, Tag("<levels>")],
+    Discriminator(_levels_or_list),
+]
+
+
 class Studies(Strict):
-    """One study per missing rate and/or per fixed-protocol subset."""
+    """One study per missing rate and/or per fixed-protocol subset, or, with `protocol`, one per
+    value of that protocol's list-valued parameter (`Levels`)."""
 
     mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
     subsets: list[Annotated[str, AfterValidator(_subset)]] = Field(default_factory=list)
+    protocol: str | None = None
+    base: str | None = None
+    p: LevelValue = None
+    r_l: LevelValue = None
+    r_a: LevelValue = None
+    r_v: LevelValue = None
+    rate: LevelValue = None
 
     @field_validator("mr", "subsets")
     @classmethod
@@ -131,9 +214,28 @@ class Studies(Strict):
 
     @model_validator(mode="after")
     def _some(self) -> Studies:
-        if not self.mr and not self.subsets:
-            raise ValueError("no studies: give studies.mr and/or studies.subsets")
+        given = [k for k in ("base", *LEVEL_KEYS[1:]) if getattr(self, k) is not None]
+        if self.protocol is None and given:
+            raise ValueError(
+                f"studies.{given[0]}: a protocol parameter needs studies.protocol, the protocol "
+                f"it belongs to (got {getattr(self, given[0])!r})"
+            )
+        if not self.mr and not self.subsets and self.protocol is None:
+            raise ValueError(
+                "no studies: give studies.mr and/or studies.subsets, or studies.protocol with "
+                "one of its parameters as a list"
+            )
+        if self.protocol is not None:
+            self.levels()  # ValueError names the parameter
         return self
+
+    def levels(self) -> Levels | None:
+        """The protocol studies, or None without `studies.protocol`."""
+        if self.protocol is None:
+            return None
+        given = {k: getattr(self, k) for k in ("protocol", "base", *LEVEL_KEYS)}
+        given["mr"] = self.mr or None
+        return Levels.model_validate({k: v for k, v in given.items() if v is not None})
 
 
 class Asha(Strict):
@@ -310,7 +412,8 @@ class Final(Strict):
     pick: Literal["best"] | CheapestWithin = "best"
     samplers: SamplerGrid | None = None
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    test_mr: list[Annotated[float, AfterValidator(_paper_mr)]] = Field(default_factory=list)
+    # MRs of the random protocol, or another protocol's levels ({protocol: erasure, rate: [...]})
+    test_mr: TestLevels = Field(default_factory=list)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -330,8 +433,8 @@ class Final(Strict):
 
     @field_validator("test_mr")
     @classmethod
-    def _distinct_mrs(cls, mrs: list[float]) -> list[float]:
-        if len(set(mrs)) != len(mrs):
+    def _distinct_mrs(cls, mrs: list[float] | Levels) -> list[float] | Levels:
+        if isinstance(mrs, list) and len(set(mrs)) != len(mrs):
             raise ValueError("test missing rates must be distinct")
         return mrs
 
@@ -361,22 +464,25 @@ class SpaceFile(Strict):
 
 @dataclass(frozen=True)
 class Study:
-    """One Tune run: a protocol (MR or subset) and its name (`mr0.3`, `fixed-lv`)."""
+    """One Tune run: a protocol at one level or subset, and its name (`mr0.3`, `fixed-lv`,
+    `erasure-rate0.3`). Its kind is "subset" (fixed protocol, Table 1's rows) or "mr": a level
+    of the protocol's `parameter` (the MR, Table 2's rows, or p, r_k, rate)."""
 
     name: str
     protocol: dict[str, Any]
+    parameter: str | None = "mr"  # None for a fixed-protocol subset
 
     @property
     def kind(self) -> Literal["mr", "subset"]:
-        return "subset" if self.protocol["kind"] == "fixed" else "mr"
+        return "subset" if self.parameter is None else "mr"
 
     @property
     def label(self) -> str:
-        """The row label of the paper's tables: the MR (`0.3`) or the subset (`lv`)."""
-        if self.kind == "subset":
+        """The row label of the paper's tables: the level (`0.3`) or the subset (`lv`)."""
+        if self.parameter is None:
             return self.protocol["subset"]
-        mr = self.protocol["mr"]
-        return f"{mr:.1f}" if math.isclose(mr, round(mr, 1)) else f"{mr:g}"
+        value = self.protocol[self.parameter]
+        return f"{value:.1f}" if math.isclose(value, round(value, 1)) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -411,21 +517,42 @@ class Space:
 
     @property
     def test_mrs(self) -> tuple[float, ...]:
-        return tuple(self.file.final.test_mr)
+        """The robustness levels: MRs, or the values of `test_protocol`'s parameter."""
+        test = self.file.final.test_mr
+        return tuple(test.values if isinstance(test, Levels) else test)
+
+    @property
+    def test_protocol(self) -> dict[str, Any] | None:
+        """`run_trial`'s test_protocol (None: the random protocol's MR)."""
+        test = self.file.final.test_mr
+        return test.test_protocol() if isinstance(test, Levels) else None
 
     @property
     def keys(self) -> list[str]:
         return list(self.file.space)
 
     def studies(self) -> list[Study]:
-        kind = self.file.fixed.get("protocol", {}).get("kind", "random")
-        out = [
-            Study(f"mr{mr:g}", {"kind": kind, "mr": mr, "subset": None})
-            for mr in self.file.studies.mr
-        ]
+        levels = self.file.studies.levels()
+        if levels is not None:
+            out = [
+                Study(
+                    protocol_label(levels.protocol, params),
+                    {"kind": levels.protocol, **params},
+                    levels.parameter,
+                )
+                for params in map(levels.params, levels.values)
+            ]
+        else:
+            kind = self.file.fixed.get("protocol", {}).get("kind", "random")
+            out = [
+                Study(f"mr{mr:g}", {"kind": kind, "mr": mr, "subset": None})
+                for mr in self.file.studies.mr
+            ]
         # Paper Table 1 row order, whatever order the file lists them in.
         subsets = sorted(self.file.studies.subsets, key=SUBSETS.index)
-        out += [Study(f"fixed-{s}", {"kind": "fixed", "mr": None, "subset": s}) for s in subsets]
+        out += [
+            Study(f"fixed-{s}", {"kind": "fixed", "mr": None, "subset": s}, None) for s in subsets
+        ]
         return out
 
     def trial_raw(self, study: Study, seed: int | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from imder_sweep.data.dataset import SPLITS
 from imder_sweep.metrics import format_cell
+from imder_sweep.protocols import REALISED_MEASURE
 from imder_sweep.stats import mean_std
 
 CELL_METRICS = ("acc2", "f1", "acc7")
@@ -39,6 +40,9 @@ class Row:
     seeds: list[int] = field(default_factory=list)
     test: dict[str, list[float]] = field(default_factory=dict)  # metric -> value per seed
     realised_mr: dict[str, float] = field(default_factory=dict)  # split -> mean over seeds
+    # split -> mean over seeds of the realised value of the studies' level parameter (the MR,
+    # or p, r_k, rate: `protocols.REALISED_MEASURE`)
+    realised: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     best_value: float | None = None
     best_trial: str | None = None
@@ -75,6 +79,20 @@ def rows_from(
                 split: float(np.mean([runs[s]["realised_mr"][split] for s in row.seeds]))
                 for split in SPLITS
             }
+            measure = REALISED_MEASURE.get(study.get("parameter") or "mr", "mr")
+            row.realised = {
+                split: float(
+                    np.mean(
+                        [
+                            runs[s].get("realised", {}).get(split, {}).get(measure, math.nan)
+                            if measure != "mr"
+                            else runs[s]["realised_mr"][split]
+                            for s in row.seeds
+                        ]
+                    )
+                )
+                for split in SPLITS
+            }
         rows.append(row)
     return rows
 
@@ -94,7 +112,19 @@ def average(rows: list[Row]) -> Row | None:
         else:
             avg.test[metric] = [float(np.mean([r.mean_std(metric)[0] for r in done]))]
     avg.realised_mr = {s: float(np.mean([r.realised_mr[s] for r in done])) for s in SPLITS}
+    avg.realised = {s: float(np.mean([r.realised[s] for r in done])) for s in SPLITS}
     return avg
+
+
+def level_heading(plan: dict[str, Any]) -> tuple[str, str]:
+    """The title and first column of the level studies' table: Table 2's for the MR, else
+    the protocol and its parameter (`erasure`, `rate`)."""
+    study = next((s for s in plan["studies"] if s["kind"] == "mr"), None)
+    parameter = (study or {}).get("parameter") or "mr"
+    kind = (study or {}).get("protocol", {}).get("kind", "random")
+    if parameter == "mr" and kind != "test_only":
+        return TITLES["mr"], "MR"
+    return f"{kind} protocol, one row per {parameter} (layout of the paper's Table 2)", parameter
 
 
 def _value(v: Any) -> str:
@@ -150,18 +180,19 @@ def markdown(plan: dict[str, Any], rows: list[Row]) -> str:
         part = [r for r in rows if r.kind == kind]
         if not part:
             continue
-        first = "MR" if kind == "mr" else "available"
+        title, first = level_heading(plan) if kind == "mr" else (TITLES[kind], "available")
         lines += [
             "",
-            f"## {TITLES[kind]}",
+            f"## {title}",
             "",
-            f"| {first} | realised MR (test) | Acc2 | F1 | Acc7 | seeds | "
+            f"| {first} | realised {'MR' if kind == 'subset' else first} (test) | Acc2 | F1 | "
+            "Acc7 | seeds | "
             f"best {search['metric']} | best hyperparameters |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         avg = average(part)
         for row in [*part, *([avg] if avg else [])]:
-            mr = f"{row.realised_mr['test']:.3f}" if row.realised_mr else "—"
+            mr = f"{row.realised['test']:.3f}" if row.realised else "—"
             best = f"{row.best_value:.4g}" if row.best_value is not None else "—"
             params = params_cell(row.params, names) if row.params else "—"
             if row.label == "Average":

@@ -84,6 +84,8 @@ class TrialContext:
     variant: str | None = None  # a final run's variant (final.variants); None: the chosen config
     test_mrs: tuple[float, ...] = ()  # final runs are also tested at these MRs (final.test_mr)
     robustness_seed: int | None = None  # the masks at those MRs (None: each run's own seed)
+    # the protocol those are levels of (final.test_mr: {protocol: ...}); None: random, MR
+    test_protocol: dict[str, Any] | None = None
     sampler_grid: tuple[tuple[str, int], ...] = ()  # final runs' validation under these too
 
     def config(
@@ -247,6 +249,7 @@ def _robustness(ctx: TrialContext, final: bool) -> dict[str, Any]:
         return {}
     return {
         "test_mrs": ctx.test_mrs,
+        "test_protocol": ctx.test_protocol,
         "robustness_seed": ctx.robustness_seed,
         "sampler_grid": ctx.sampler_grid,
     }

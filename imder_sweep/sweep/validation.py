@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from imder_sweep.protocols import ALL_PARAMETERS
 from imder_sweep.sweep.distributions import Distribution
 from imder_sweep.sweep.experiment import CHOSEN
 from imder_sweep.sweep.space import Space, SpaceFile, Study
@@ -128,12 +129,18 @@ def _section_problems(file: SpaceFile, origin: str) -> list[str]:
     if not isinstance(fixed_protocol, dict):
         problems.append(f"{origin}: fixed.protocol: expected a mapping (got {fixed_protocol!r})")
         fixed_protocol = {}
-    for key in ("mr", "subset"):
+    studied = file.studies.protocol is not None
+    for key in ALL_PARAMETERS if studied else ("mr", "subset"):
         if key in fixed_protocol:
             problems.append(
                 f"{origin}: fixed.protocol.{key}: set by the studies, not fixed "
                 f"(got {fixed_protocol[key]!r}); list it under studies"
             )
+    if studied and "kind" in fixed_protocol:
+        problems.append(
+            f"{origin}: fixed.protocol.kind: studies.protocol ({file.studies.protocol!r}) sets "
+            f"the protocol (got {fixed_protocol['kind']!r}); leave it out"
+        )
     kind = fixed_protocol.get("kind", "random")
     if file.studies.mr and kind == "fixed":
         problems.append(
@@ -195,15 +202,15 @@ def paired_fixed(cfg: TrialConfig) -> dict[str, Any]:
     only) and the stage-(a) cache key (which leaves out `model.recovery`, so every Table 3
     ablation and baseline reuses the chosen configuration's pretraining)."""
     masks: dict[str, Any] = {**cfg.protocol.masks_args(), "seed": cfg.seed}
-    if cfg.protocol.kind == "reference-schedule":
+    if "reference-schedule" in (cfg.protocol.kind, cfg.protocol.base):
         masks["batch_size"] = cfg.train.batch_size
     return {"data": cfg.data.model_dump(), "masks": masks, "pretraining": pretrain_key(cfg, "")}
 
 
 _PAIRED_WORDS = {
     "data": "the data",
-    "masks": "the missing-modality masks (protocol, MR or subset, seed; the batch size under "
-    "the reference-schedule protocol)",
+    "masks": "the missing-modality masks (protocol, its parameters, resampling, seed; the batch "
+    "size under the reference-schedule protocol)",
     "pretraining": "the stage-(a) pretraining (its cache key: data, seed, encoder and fusion "
     "config, pretraining epochs and optimisation, batch size)",
 }
