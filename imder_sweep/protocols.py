@@ -486,20 +486,22 @@ def draw_masks(
             batch_size,
         )
         return {s: SplitMasks(drawn[names[s]]) for s in sizes}
-    out = {}
-    for split, n in sizes.items():
-        if kind == "instance_prob":
-            rng = _split_rng(kind, repr(float(params["p"])), seed, names[split])
-            out[split] = SplitMasks(instance_prob_masks(n, params["p"], rng))
-        elif kind == "per_modality":
-            rates = tuple(float(params[f"r_{m}"]) for m in MODALITIES)
-            rng = _split_rng(kind, repr(rates), seed, names[split])
-            out[split] = SplitMasks(per_modality_masks(n, rates, rng))  # type: ignore[arg-type]
-        else:  # erasure
-            rng = _split_rng(kind, repr(float(params["rate"])), seed, names[split])
-            steps = erasure_steps(n, seq_len, params["rate"], rng)
-            out[split] = SplitMasks(np.ones((n, M), dtype=bool), steps)
-    return out
+    return {s: _draw_split(kind, params, n, seed, names[s], seq_len) for s, n in sizes.items()}
+
+
+def _draw_split(
+    kind: str, params: Mapping[str, Any], n: int, seed: int, name: str, seq_len: int
+) -> SplitMasks:
+    """One split's masks under instance_prob, per_modality or erasure, from its own stream."""
+    if kind == "instance_prob":
+        rng = _split_rng(kind, repr(float(params["p"])), seed, name)
+        return SplitMasks(instance_prob_masks(n, params["p"], rng))
+    if kind == "per_modality":
+        rates = tuple(float(params[f"r_{m}"]) for m in MODALITIES)
+        rng = _split_rng(kind, repr(rates), seed, name)
+        return SplitMasks(per_modality_masks(n, rates, rng))  # type: ignore[arg-type]
+    rng = _split_rng(kind, repr(float(params["rate"])), seed, name)
+    return SplitMasks(np.ones((n, M), dtype=bool), erasure_steps(n, seq_len, params["rate"], rng))
 
 
 def realised_rates(masks: SplitMasks) -> dict[str, float]:

@@ -191,6 +191,46 @@ CASES: dict[str, Case] = {
         demo("test-mr"),
         expect=(demo("test-mr"), "final.test_mr.1:", "outside [0, 2/3]", "(got 0.8)"),
     ),
+    "studies-protocol-rate": tune(
+        "--space",
+        demo("erasure-rate"),
+        expect=(demo("erasure-rate"), "studies:", "rate: rate must be in [0, 1]", "(got 1.5)"),
+    ),
+    "studies-protocol-two-lists": tune(
+        "--space",
+        demo("two-lists"),
+        expect=(demo("two-lists"), "studies:", "exactly one of its parameters as a list", "r_a"),
+    ),
+    "studies-instance-prob": tune(
+        "--space",
+        demo("instance-prob"),
+        expect=(demo("instance-prob"), "studies:", "p: p must be in [0, 1]", "(got -0.1)"),
+    ),
+    "studies-per-modality": tune(
+        "--space",
+        demo("per-modality"),
+        expect=(demo("per-modality"), "r_l + r_a + r_v = 2.1 must be below 2", "r_l=0.9"),
+    ),
+    "studies-test-only-base": tune(
+        "--space",
+        demo("test-only"),
+        expect=(demo("test-only"), "base: the test_only protocol needs a base", "(got 'burst')"),
+    ),
+    "protocol-resample": tune(
+        "--space",
+        demo("resample"),
+        expect=(demo("resample"), "fixed.protocol.resample:", "'split' or 'epoch'", "'always'"),
+    ),
+    "recovery-targets": tune(
+        "--space",
+        demo("targets"),
+        expect=(demo("targets"), "train.recovery_targets:", "'observed_only'", "'leaky'"),
+    ),
+    "test-mr-protocol": tune(
+        "--space",
+        demo("test-mr-erasure"),
+        expect=(demo("test-mr-erasure"), "final.test_mr:", "rate: rate must be in", "(got 2.0)"),
+    ),
     "missing-data-file": tune(
         "--space",
         demo("demo"),
@@ -351,6 +391,15 @@ def _space_edits() -> dict[str, Edit]:
     def final(**kv: Any) -> Edit:
         return lambda raw: raw["final"].update(kv)
 
+    def studies(section: dict[str, Any]) -> Edit:
+        """Studies over a protocol parameter: studies.protocol sets the kind, not fixed."""
+
+        def edit(raw: dict[str, Any]) -> None:
+            raw["fixed"]["protocol"].pop("kind", None)
+            raw["studies"] = section
+
+        return edit
+
     return {
         "demo": lambda raw: None,
         "unknown-key": search(numsamples=3),
@@ -384,6 +433,14 @@ def _space_edits() -> dict[str, Edit]:
         "variant-paired": final(variants={"half": {"protocol.mr": 0.5}}),
         "variant-name": final(variants={"imder": {"model.recovery": "zero"}}),
         "test-mr": final(test_mr=[0.0, 0.8]),
+        "erasure-rate": studies({"protocol": "erasure", "rate": [0.1, 1.5]}),
+        "two-lists": studies({"protocol": "per_modality", "r_l": [0.1], "r_a": [0.2], "r_v": 0}),
+        "instance-prob": studies({"protocol": "instance_prob", "p": [0.5, -0.1]}),
+        "per-modality": studies({"protocol": "per_modality", "r_l": [0.9], "r_a": 0.9, "r_v": 0.3}),
+        "test-only": studies({"protocol": "test_only", "base": "burst", "mr": [0.3]}),
+        "resample": lambda raw: raw["fixed"]["protocol"].update(resample="always"),
+        "targets": lambda raw: raw["fixed"]["train"].update(recovery_targets="leaky"),
+        "test-mr-erasure": final(test_mr={"protocol": "erasure", "rate": [0.1, 2.0]}),
     }
 
 

@@ -847,3 +847,37 @@ def test_samplers_after_training_pick_the_cheapest_within_the_seed_noise() -> No
     training, points = curve(one, "loss")
     assert pick(training, points, "min") is training  # 1.001 > 1.0 with no spread to excuse it
     assert pick(*curve(one, "loss"), "max")["solver"] == "ode_heun"  # higher is better there
+
+
+def test_protocol_studies_plan_validate_and_smoke(tmp_path: Path) -> None:
+    """Studies over a protocol parameter (issue 16) through the real loader: plan, paired
+    variants (recovery_targets keeps the masks), robustness at another protocol, smoke."""
+    raw = demo_raw()
+    raw["fixed"]["protocol"] = {"resample": "epoch"}
+    raw["studies"] = {"protocol": "instance_prob", "p": [0.2, 0.5, 0.8], "subsets": ["lv"]}
+    raw["final"]["variants"] = {"observed": {"train.recovery_targets": "observed_only"}}
+    raw["final"]["test_mr"] = {"protocol": "erasure", "rate": [0.0, 0.4, 0.8]}
+    plan = make_plan(write_space(tmp_path, raw), tracking=False)
+    names = [s["name"] for s in plan.to_json()["studies"]]
+    assert names == ["instance_prob-p0.2", "instance_prob-p0.5", "instance_prob-p0.8", "fixed-lv"]
+    assert plan.to_json()["test_protocol"] == {"kind": "erasure", "parameter": "rate"}
+    text = describe(plan)
+    assert "robustness   every final model also tested at erasure rate 0, 0.4, 0.8" in text
+    study = plan.space.studies()[1]
+    cfg = plan.space.trial_config(study, {"model.beta": 0.1})
+    assert (cfg.protocol.kind, cfg.protocol.p, cfg.protocol.resample) == (
+        "instance_prob",
+        0.5,
+        "epoch",
+    )
+    smoke = make_plan(write_space(tmp_path, raw, "smoke.yaml"), smoke=True, tracking=False)
+    assert [s.name for s in smoke.space.studies()] == ["instance_prob-p0.2", "fixed-lv"]
+    assert smoke.space.test_mrs == (0.0, 0.4) and smoke.space.test_protocol is not None
+    # A variant that changes the masks is refused, as for the MR.
+    raw["final"]["variants"] = {"other": {"protocol.resample": "split"}}
+    with pytest.raises(ConfigError, match=r"final\.variants\.other\.protocol\.resample"):
+        make_plan(write_space(tmp_path, raw, "bad.yaml"), tracking=False)
+    raw["final"]["variants"] = {}
+    raw["fixed"]["protocol"] = {"kind": "random", "resample": "epoch"}
+    with pytest.raises(ConfigError, match=r"fixed\.protocol\.kind: studies\.protocol"):
+        make_plan(write_space(tmp_path, raw, "bad2.yaml"), tracking=False)

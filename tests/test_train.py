@@ -191,7 +191,7 @@ def test_every_way_of_building_a_config_applies_the_presets_training_defaults(bu
 @pytest.mark.parametrize(
     ("patch", "needle"),
     [
-        ({"protocol": {"mr": 0.8}}, "protocol: missing rate 0.8"),
+        ({"protocol": {"mr": 0.8}}, "protocol: mr: missing rate 0.8"),
         ({"model": {"score_net": {"width": 0.3}}}, "not divisible by score_net.heads"),
         ({"train": {"epochz": 3}}, "train.epochz"),
         ({"preset": "reference_iemocap"}, "unknown preset 'reference_iemocap'"),
@@ -199,6 +199,21 @@ def test_every_way_of_building_a_config_applies_the_presets_training_defaults(bu
             {"protocol": {"kind": "fixed", "mr": None, "subset": "lx"}},
             "invalid modality subset 'lx'",
         ),
+        ({"protocol": {"kind": "erasure", "rate": 1.2}}, "protocol: mr: the erasure protocol"),
+        (
+            {"protocol": {"kind": "erasure", "mr": None, "rate": 1.2}},
+            "protocol: rate: rate must be in [0, 1] (got 1.2)",
+        ),
+        (
+            {"protocol": {"kind": "instance_prob", "mr": None, "p": "half"}},
+            "protocol: p: p must be a number in [0, 1] (got 'half')",
+        ),
+        (
+            {"protocol": {"kind": "per_modality", "mr": None, "r_l": 0.5, "r_a": 0.5}},
+            "protocol: r_v: the per_modality protocol needs r_v",
+        ),
+        ({"protocol": {"resample": "often"}}, "protocol.resample"),
+        ({"train": {"recovery_targets": "leaky"}}, "train.recovery_targets"),
     ],
 )
 def test_config_errors_name_file_key_and_value(

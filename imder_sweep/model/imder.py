@@ -286,21 +286,12 @@ class IMDer(nn.Module):
         `positions` = (N, rows): this batch is rows `rows` (B,) of a batch of N whose noise
         `generator` describes, e.g. one data-parallel rank's share of the global batch; every
         sample then gets exactly the noise it gets when the whole batch runs in one process.
-
         `sampler` solves eq. 14 for this call (None: `cfg.sampler`, the training sampler), so a
-        trained model is evaluated under another solver or step count without being rebuilt.
-        """
+        trained model is evaluated under another solver or step count without being rebuilt."""
         mask = mask.to(torch.bool)
         observed_only = self.recovery_targets == "observed_only"
-        if observed_only:
-            # Selected, not multiplied: a missing NaN reads 0 as well.
-            inputs = {
-                m: torch.where(mask[:, k, None, None], inputs[m], inputs[m].new_zeros(()))
-                for k, m in enumerate(MODALITIES)
-            }
-        feats = self.encode(inputs)
-        B = mask.shape[0]
-        device = mask.device
+        feats = self.encode(observed_inputs(inputs, mask) if observed_only else inputs)
+        B, device = mask.shape[0], mask.device
         full, where = positions or (B, torch.arange(B, device=device))
         zeros = torch.zeros(B, device=device)
         out = IMDerOutput(
@@ -415,27 +406,7 @@ class IMDer(nn.Module):
         draw = draw or _plain_noise
         loss_score = zero
         if self.training and losses:
-            t = (
-                sample_time(
-                    full, self.cfg.score_loss.t_eps, device=truth.device, generator=gen
-                ).index_select(0, where)
-                if gen is not None
-                else sample_time(n, self.cfg.score_loss.t_eps, device=truth.device)
-            )
-            z = draw(truth)
-            z_cond = draw(truth) if self.cfg.score_loss.condition_noise == "independent" else None
-            edm = self.cfg.score_net.parameterization == "edm"
-            loss_score = score_matching_loss(
-                self.score[m],
-                self.sde,
-                truth,
-                t,
-                z,
-                cond,
-                condition_noise=self.cfg.score_loss.condition_noise,
-                z_cond=z_cond,
-                sigma_data=self.score[m].sigma_data if edm else None,
-            )
+            loss_score = self._score_loss(m, truth, cond, gen, draw, noise_rows)
         if not fill:
             return truth, None, loss_score, zero, 0
         sampled, nfe = self.sample_modality(m, cond.detach(), noise=draw, sampler=sampler)
@@ -443,6 +414,37 @@ class IMDer(nn.Module):
             return sampled, sampled, loss_score, zero, nfe
         rec = self.rec[m](sampled)
         return rec, sampled, loss_score, _mse(rec, truth) if losses else zero, nfe
+
+    def _score_loss(
+        self,
+        m: str,
+        truth: Tensor,
+        cond: Tensor,
+        gen: torch.Generator | None,
+        draw: Callable[[Tensor], Tensor],
+        noise_rows: tuple[int, Tensor],
+    ) -> Tensor:
+        """Per-row L_score of modality m (eq. 13): times and noise from the rows' own stream."""
+        full, where = noise_rows
+        t_eps = self.cfg.score_loss.t_eps
+        if gen is not None:
+            t = sample_time(full, t_eps, device=truth.device, generator=gen).index_select(0, where)
+        else:
+            t = sample_time(truth.shape[0], t_eps, device=truth.device)
+        z = draw(truth)
+        z_cond = draw(truth) if self.cfg.score_loss.condition_noise == "independent" else None
+        edm = self.cfg.score_net.parameterization == "edm"
+        return score_matching_loss(
+            self.score[m],
+            self.sde,
+            truth,
+            t,
+            z,
+            cond,
+            condition_noise=self.cfg.score_loss.condition_noise,
+            z_cond=z_cond,
+            sigma_data=self.score[m].sigma_data if edm else None,
+        )
 
     def loss(self, out: IMDerOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Eq. 20: L_task (L1) + beta (L_score + L_rec), averaged over the batch."""
@@ -472,6 +474,15 @@ def sigma_for_prior_std(std1: float) -> float:
 def _apply_loaded_sigma(module: nn.Module, incompatible: Any) -> None:
     # A loaded checkpoint brings the sigma chosen from its training data.
     module.set_sigma(float(module.sde_sigma))
+
+
+def observed_inputs(inputs: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+    """The inputs with every missing modality set to 0 (`mask` (B, 3), True = available):
+    selected, not multiplied, so a missing NaN reads 0 as well."""
+    return {
+        m: torch.where(mask[:, k, None, None], inputs[m], inputs[m].new_zeros(()))
+        for k, m in enumerate(MODALITIES)
+    }
 
 
 def _mse(pred: Tensor, truth: Tensor) -> Tensor:

@@ -210,7 +210,6 @@ def fit_stage(
 ) -> Progress:
     """Train for up to `epochs`, early-stopped on a validation metric; returns the stage's
     `Progress`: its history and its best epoch on validation (metrics and state dict).
-
     `resume` continues the stage from its saved state; with `state_dir`, that state is written
     to `state_dir/<stage>-state/` every `train.checkpoint_every` epochs and at the end."""
     tc = cfg.train
@@ -223,14 +222,12 @@ def fit_stage(
     forward = parallel.wrap(model) if parallel is not None else None
     train, valid = splits["train"], splits["valid"]
     realised = {s: realised_mr(splits[s].masks.cpu().numpy()) for s in ("train", "valid")}
-    resample = stage == "train" and cfg.protocol.resample == "epoch"
     # A stage resumed from its last epoch's or its early stop's checkpoint (a trial whose
     # process died after its last report) trains no further epoch.
     while not progress.done(epochs, tc.early_stop):
         epoch, t0 = progress.epoch + 1, time.perf_counter()
-        if resample:
-            train = epoch_train_split(splits["train"], cfg, epoch)
-            realised["train"] = realised_mr(train.masks.cpu().numpy())
+        train = epoch_train_split(splits["train"], cfg, epoch, stage)
+        realised["train"] = realised_mr(train.masks.cpu().numpy())
         order = torch.randperm(len(train), generator=order_gen)
         tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
         t_valid = time.perf_counter()
@@ -262,11 +259,13 @@ def fit_stage(
     return progress
 
 
-def epoch_train_split(train: SplitData, cfg: TrialConfig, epoch: int) -> SplitData:
-    """The training split of `epoch` under `protocol.resample: epoch`: the split's own masks in
-    the first epoch, a fresh draw from (protocol, parameters, seed, epoch) in every later one,
-    so every trial of a study sees the same masks each epoch, and a resumed one too."""
-    if epoch == 1:
+def epoch_train_split(
+    train: SplitData, cfg: TrialConfig, epoch: int, stage: str = "train"
+) -> SplitData:
+    """The training split of `epoch`: `train` itself, except in stage (b) under
+    `protocol.resample: epoch` after the first epoch: a fresh draw from (protocol, parameters,
+    seed, epoch), so every trial of a study sees the same masks each epoch, a resumed one too."""
+    if epoch == 1 or stage != "train" or cfg.protocol.resample != "epoch":
         return train
     seq_len = int(train.inputs["l"].shape[1])
     return train.with_masks(trial_masks(cfg, {"train": len(train)}, seq_len, epoch)["train"])
@@ -493,15 +492,11 @@ def run_trial(
     Search trials pass `evaluate_test=False`: the test split is not even evaluated. `parallel`
     makes stage (b) one rank of a data-parallel run (see `DataParallel`).
 
-    `test_mrs`: the best checkpoint is also tested at each of these MRs (random protocol, masks
-    from `robustness_seed`, default cfg.seed), into `result.extra["robustness"]`
-    (`evaluate_at_mrs`); a sweep passes one seed so every model sees the same masks per MR.
-    With `test_protocol` ({"kind", "parameter", other parameters}) they are levels of that
-    protocol's parameter instead (`final.test_mr: {protocol: erasure, rate: [...]}`).
-    `sampler_grid`: (solver, steps) pairs the best checkpoint is also evaluated under on the
-    validation split, into `result.extra["samplers"]` (`evaluate_samplers`; models with score
-    nets only).
-    """
+    `test_mrs`: the best checkpoint is also tested at each of these MRs (random protocol) or
+    levels of `test_protocol`'s parameter (`evaluate_at_mrs`), masks from `robustness_seed`
+    (default cfg.seed; a sweep passes one, so every model sees the same masks per level),
+    into `result.extra["robustness"]`. `sampler_grid`: (solver, steps) pairs the best
+    checkpoint is also evaluated under on validation, into `result.extra["samplers"]`."""
     check_test_mrs(test_mrs, evaluate_test, test_protocol)
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
