@@ -219,7 +219,7 @@ CASES: dict[str, Case] = {
     "protocol-resample": tune(
         "--space",
         demo("resample"),
-        expect=(demo("resample"), "fixed.protocol.resample:", "'split' or 'epoch'", "'always'"),
+        expect=(demo("resample"), "protocol.resample:", "'split' or 'epoch'", "'always'"),
     ),
     "recovery-targets": tune(
         "--space",

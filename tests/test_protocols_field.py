@@ -19,6 +19,7 @@ from imder_sweep.protocols import INCOMPLETE_PATTERNS, draw_masks, realised_rate
 from imder_sweep.sweep.space import Space, SpaceFile
 from imder_sweep.sweep.tables import level_heading
 from imder_sweep.train import resolve_trial_config, run_trial
+from imder_sweep.train.evaluate import evaluate_at_mrs
 from imder_sweep.train.health import encoded_stats
 from imder_sweep.train.loop import (
     epoch_train_split,
@@ -335,3 +336,21 @@ def test_studies_range_over_a_protocol_parameter() -> None:
 def test_bad_protocol_studies_name_the_parameter(studies: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _space(studies)
+
+
+def test_robustness_at_another_protocols_levels(tmp_path) -> None:
+    cfg = resolve_trial_config(TINY)
+    test = prepare_splits(load_dataset(cfg.data.source), cfg, CPU)["test"]
+    model = IMDer(cfg.model)
+    erasure = {"kind": "erasure", "parameter": "rate"}
+    got = evaluate_at_mrs(model, test, 64, cfg.seed, [0.0, 0.5], mask_seed=1, protocol=erasure)
+    assert list(got) == ["0", "0.5"]
+    assert got["0"]["realised_erased"] == 0.0 and got["0"]["realised_mr"] == 0.0
+    assert got["0.5"]["realised_erased"] == pytest.approx(0.5, abs=0.03)
+    assert got["0.5"]["mae"] != got["0"]["mae"]  # the erased steps reach the model
+    per = {"kind": "per_modality", "parameter": "r_l", "r_a": 0.0, "r_v": 0.0}
+    only_l = evaluate_at_mrs(model, test, 64, cfg.seed, [0.5], mask_seed=1, protocol=per)["0.5"]
+    assert only_l["realised_missing_a"] == only_l["realised_missing_v"] == 0.0
+    with pytest.raises(ValueError, match=r"rate: rate must be in \[0, 1\]"):
+        run_trial(cfg, out_dir=tmp_path, test_mrs=(1.5,), test_protocol=erasure)
+    assert not any(tmp_path.iterdir())

@@ -208,14 +208,17 @@ def robustness_markdown(plan: dict[str, Any], results: Results, aucs: list[Auilc
     mrs = list(plan.get("test_mr", []))
     if not mrs:
         return []
+    test = plan.get("test_protocol")
+    level = "test MR" if test is None else f"test {test['parameter']}"
+    protocol = "random" if test is None else test["kind"]
     lines = [
         "",
-        "## Robustness: every final model tested at each test MR (no retraining)",
+        f"## Robustness: every final model tested at each {level} (no retraining)",
         "",
-        "Rows: the study the models were trained in; columns: the test MR (random protocol; for "
-        "each test MR every model sees the same per-sample masks). Cells: test Acc2 in percent, "
-        "mean over seeds (std and every metric in robustness.csv). AUILC over the nominal test "
-        "MRs, mean ± std over the seeds that have every test MR.",
+        f"Rows: the study the models were trained in; columns: the {level} ({protocol} protocol; "
+        f"for each {level} every model sees the same per-sample masks). Cells: test Acc2 in "
+        "percent, mean over seeds (std and every metric in robustness.csv). AUILC over the "
+        f"nominal levels, mean ± std over the seeds that have every {level}.",
     ]
     heads = " | ".join(f"{mr:g}" for mr in mrs)
     for arm in arms(plan):

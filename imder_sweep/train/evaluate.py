@@ -189,7 +189,7 @@ def export_recovered_features(
         model.eval()
         train_feats = {
             m: f.mean(dim=2).float().cpu().numpy()  # (N, d): pooled over L'
-            for m, f in model.encode(splits["train"].inputs).items()
+            for m, f in model.encode(splits["train"].erased_inputs()).items()
         }
     train_labels = splits["train"].labels.cpu().numpy()
     report: dict[str, Any] = {}

@@ -46,11 +46,10 @@ def encoded_stats(
     only: no missing value is read."""
     was_training = model.training
     model.eval()
-    inputs, _, masks = data.batch(torch.arange(len(data), device=data.labels.device))
-    feats = model.encode(inputs)  # modality -> (N, d, L'); the encoders work per sample
+    feats = model.encode(data.erased_inputs())  # modality -> (N, d, L'), row by row
     model.train(was_training)
     if observed_only:
-        feats = {m: feats[m][masks[:, k]] for k, m in enumerate(MODALITIES)}
+        feats = {m: feats[m][data.masks[:, k]] for k, m in enumerate(MODALITIES)}
     # A modality no sample has (e.g. fixed subset "l", observed only) has no statistics: 0, 1.
     mean = torch.stack(
         [f.mean(dim=0) if len(f) else f.new_zeros(f.shape[1:]) for f in feats.values()]

@@ -33,13 +33,17 @@ class SplitData:
         """Inputs, labels and masks of rows `idx`; erased time steps read 0, the padding value
         (selected, not multiplied, so an erased NaN reads 0 too)."""
         inputs = {m: x.index_select(0, idx) for m, x in self.inputs.items()}
-        if self.steps is not None:
-            steps = self.steps.index_select(0, idx)
-            inputs = {
-                m: torch.where(steps[:, k, :, None], x, x.new_zeros(()))
-                for k, (m, x) in enumerate(inputs.items())
-            }
-        return inputs, self.labels.index_select(0, idx), self.masks.index_select(0, idx)
+        steps = None if self.steps is None else self.steps.index_select(0, idx)
+        return (
+            _erased(inputs, steps),
+            self.labels.index_select(0, idx),
+            self.masks.index_select(0, idx),
+        )
+
+    def erased_inputs(self) -> dict[str, Tensor]:
+        """Every row's inputs as the model sees them (`batch` of all rows), without a copy
+        unless time steps are erased."""
+        return _erased(self.inputs, self.steps)
 
     def with_masks(self, masks: SplitMasks) -> SplitData:
         """The same split under other masks (another protocol, or the next epoch's draw)."""
@@ -51,6 +55,16 @@ class SplitData:
         """`protocols.realised_rates` of this split's masks."""
         steps = None if self.steps is None else self.steps.cpu().numpy()
         return realised_rates(SplitMasks(self.masks.cpu().numpy(), steps))
+
+
+def _erased(inputs: dict[str, Tensor], steps: Tensor | None) -> dict[str, Tensor]:
+    """`inputs` with the time steps that `steps` (N, 3, L) marks False set to 0."""
+    if steps is None:
+        return inputs
+    return {
+        m: torch.where(steps[:, k, :, None], x, x.new_zeros(()))
+        for k, (m, x) in enumerate(inputs.items())
+    }
 
 
 def trial_masks(
