@@ -46,7 +46,8 @@ def predict(
     it trained with), so a trained model is evaluated under any solver and step count.
 
     With `collect`, also returns per missing modality its rows, the recovered features (what
-    the fusion sees), the true encoded features and, with a sampler, its output before D_k.
+    the fusion sees), the true encoded features (the simulated truth, which no loss reads
+    under `observed_only`) and, with a sampler, its output before D_k.
     """
     model.eval()
     gen = torch.Generator().manual_seed(eval_generator_seed(seed, split))
@@ -60,10 +61,14 @@ def predict(
         preds.append(out.pred)
         nfe, nfe_rows = nfe + out.nfe, nfe_rows + out.nfe_rows
         if collect:
+            # The simulated truth, for health and export only: under observed_only the model
+            # encoded its missing inputs as 0, so its own features are no truth.
+            simulated = model.recovery_targets == "simulated"
+            true = out.features if simulated else model.encode(inputs)
             for m, rows in out.recovered_rows.items():
                 got[m]["rows"].append((rows + start).cpu())
                 got[m]["recovered"].append(out.recovered[m].float().cpu())  # (n, d, L')
-                got[m]["true"].append(out.features[m].index_select(0, rows).float().cpu())
+                got[m]["true"].append(true[m].index_select(0, rows).float().cpu())
                 if m in out.sampled:
                     got[m]["sampled"].append(out.sampled[m].float().cpu())  # (n, d, L')
     extra: dict[str, Any] = {"nfe": nfe, "nfe_rows": nfe_rows}
