@@ -31,7 +31,7 @@ from imder_sweep.train.loop import pretrain_key
 # Keys a space may not search: the studies, the data and the search itself decide them.
 RESERVED_KEYS: dict[str, str] = {
     "seed": "seeds are fixed: fixed.seed for the search, final.seeds for the final runs",
-    "protocol": "the protocol is set per study (studies.mr / studies.subsets)",
+    "protocol": "the protocol is set per study (studies.mr, studies.subsets, studies.protocol)",
     "data": "the data source is fixed (fixed.data.source or --data)",
     "preset": "set the preset in fixed.preset",
     "train.select_metric": "search.metric decides it",

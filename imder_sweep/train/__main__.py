@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from imder_sweep.data import DataError, load_dataset
+from imder_sweep.protocols import REALISED_MEASURE
 from imder_sweep.train.config import ConfigError, load_trial_config
 from imder_sweep.train.loop import run_trial
 
@@ -42,6 +43,14 @@ def summary_table(result) -> str:
     ]
     mr = " ".join(f"{s} {v:.3f}" for s, v in result.realised_mr.items())
     lines.append(f"realised MR: {mr}   best epoch {result.best_epoch}/{result.epochs_run}")
+    # Beside the MR, the realised value of each parameter of the protocol (erasure's rate...).
+    params = [k for k in result.config["protocol"] if k in REALISED_MEASURE and k != "mr"]
+    for key in params:
+        if result.config["protocol"][key] is not None and "realised" in result.extra:
+            got = " ".join(
+                f"{s} {v[REALISED_MEASURE[key]]:.3f}" for s, v in result.extra["realised"].items()
+            )
+            lines.append(f"realised {key} (nominal {result.config['protocol'][key]:g}): {got}")
     return "\n".join(lines)
 
 
