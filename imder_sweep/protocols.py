@@ -40,13 +40,13 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from imder_sweep.modalities import MODALITIES, SUBSETS, pattern_to_subset, subset_to_pattern
 
-PROTOCOLS: tuple[str, ...] = (
+ProtocolKind = Literal[
     "random",
     "fixed",
     "reference-schedule",
@@ -54,7 +54,8 @@ PROTOCOLS: tuple[str, ...] = (
     "per_modality",
     "erasure",
     "test_only",
-)
+]
+PROTOCOLS: tuple[str, ...] = get_args(ProtocolKind)
 # Each protocol's parameters (test_only: `base` and the base protocol's).
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "random": ("mr",),

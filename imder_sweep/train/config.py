@@ -14,7 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imder_sweep.model.config import PRESETS, ModelConfig
-from imder_sweep.protocols import ALL_PARAMETERS, check_parameters, protocol_label
+from imder_sweep.protocols import (
+    ALL_PARAMETERS,
+    ProtocolKind,
+    check_parameters,
+    protocol_label,
+)
 from imder_sweep.util import ConfigError, deep_merge, set_dotted
 
 
@@ -35,15 +40,7 @@ class ProtocolConfig(_Config):
     docs/protocols.md). Each kind takes its own parameters (`protocols.PARAMETERS`); the rest
     stay unset. `resample: epoch` draws the training masks again every epoch."""
 
-    kind: Literal[
-        "random",
-        "fixed",
-        "reference-schedule",
-        "instance_prob",
-        "per_modality",
-        "erasure",
-        "test_only",
-    ] = "random"
+    kind: ProtocolKind = "random"
     mr: float | None = None  # random, reference-schedule; 0.7 means 2/3; default 0.0
     subset: str | None = None  # fixed: the available modalities, e.g. "lv"
     p: float | None = None  # instance_prob: the probability that a sample is incomplete
