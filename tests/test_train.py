@@ -206,7 +206,7 @@ def test_every_way_of_building_a_config_applies_the_presets_training_defaults(bu
         ),
         (
             {"protocol": {"kind": "instance_prob", "mr": None, "p": "half"}},
-            "protocol: p: p must be a number in [0, 1] (got 'half')",
+            "protocol.p: Input should be a valid number",
         ),
         (
             {"protocol": {"kind": "per_modality", "mr": None, "r_l": 0.5, "r_a": 0.5}},
