@@ -106,9 +106,11 @@ def _figures(
             for arm in comparisons.arms(plan)
         }
         name = METRIC_NAMES[ROBUSTNESS_METRIC]
-        title = f"Test {name} (%), trained at each study, tested at each MR (mean over seeds)"
+        test = plan.get("test_protocol")
+        level = "MR" if test is None else f"{test['kind']} {test['parameter']}"
+        title = f"Test {name} (%), trained at each study, tested at each {level} (mean over seeds)"
         out[f"figures/robustness_{ROBUSTNESS_METRIC}.png"] = _png(
-            robustness_figure(matrices, ROBUSTNESS_METRIC, title)
+            robustness_figure(matrices, ROBUSTNESS_METRIC, title, f"test {level}")
         )
     if panels := pareto_panels(plan, results):
         title = "Pareto sets (each trial at its best epoch)"

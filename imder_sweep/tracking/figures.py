@@ -263,9 +263,12 @@ def metrics_vs_mr_figure(points: Sequence[SummaryPoint], title: str) -> Figure:
     return fig
 
 
-def robustness_figure(matrices: Mapping[str, RobustnessMatrix], metric: str, title: str) -> Figure:
-    """One heat map per configuration (trained at the rows, tested at the columns), on one
-    colour scale so configurations compare by colour; each cell annotated with its value."""
+def robustness_figure(
+    matrices: Mapping[str, RobustnessMatrix], metric: str, title: str, xlabel: str = "test MR"
+) -> Figure:
+    """One heat map per configuration (trained at the rows, tested at the columns: `xlabel`,
+    the test MR or another protocol's parameter), on one colour scale so configurations
+    compare by colour; each cell annotated with its value."""
     scale = 100.0 if metric in TABLE_METRICS else 1.0
     grids = {name: scale * m.values for name, m in matrices.items()}
     finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()] or [np.empty(0)])
@@ -287,7 +290,7 @@ def robustness_figure(matrices: Mapping[str, RobustnessMatrix], metric: str, tit
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="small", color="w")
         ax.set_xticks(range(len(m.test_mrs)), [f"{mr:g}" for mr in m.test_mrs])
         ax.set_yticks(range(len(m.trained)), list(m.trained))
-        ax.set_xlabel("test MR")
+        ax.set_xlabel(xlabel)
         ax.set_title(name)
     axes[0].set_ylabel("trained at")
     fig.colorbar(image, ax=list(axes), label=METRIC_NAMES[metric])
