@@ -67,7 +67,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "test_only": ("base",),
 }
 # Every protocol parameter a config can set (`ProtocolConfig`).
-ALL_PARAMETERS: tuple[str, ...] = ("mr", "subset", "p", "r_l", "r_a", "r_v", "rate", "base")
+ALL_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(p for ps in PARAMETERS.values() for p in ps))
 # How the realised rate of a parameter is measured (`realised_rates`' keys).
 REALISED_MEASURE: dict[str, str] = {
     "mr": "mr",
@@ -77,7 +77,6 @@ REALISED_MEASURE: dict[str, str] = {
     "r_v": "missing_v",
     "rate": "erased",
 }
-RESAMPLE: tuple[str, ...] = ("split", "epoch")
 
 M = len(MODALITIES)
 MAX_MR = (M - 1) / M
@@ -305,13 +304,13 @@ class SplitMasks:
     steps: np.ndarray | None = None
 
 
-def _check_rate(name: str, value: Any, high: float = 1.0) -> float:
-    """A rate in [0, high]; NaN, booleans and non-numbers are refused."""
+def _check_rate(name: str, value: Any) -> float:
+    """A rate in [0, 1]; NaN, booleans and non-numbers are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number in [0, {high:g}]")
+        raise ValueError(f"{name} must be a number in [0, 1]")
     rate = float(value)
-    if not 0.0 <= rate <= high:  # written so that NaN fails
-        raise ValueError(f"{name} must be in [0, {high:g}]")
+    if not 0.0 <= rate <= 1.0:  # written so that NaN fails
+        raise ValueError(f"{name} must be in [0, 1]")
     return rate
 
 

@@ -297,9 +297,9 @@ class IMDer(nn.Module):
         out = IMDerOutput(
             pred=zeros, loss_score=zeros.clone(), loss_rec=zeros.clone(), features=feats
         )
-        # One host sync per batch: which rows miss which modality.
+        mask_cpu = mask.cpu()  # the one host sync per batch: which rows miss what
         missing_rows = {
-            m: r.to(device) for m, r in zip(MODALITIES, _missing_rows(mask.cpu()), strict=True)
+            m: r.to(device) for m, r in zip(MODALITIES, _missing_rows(mask_cpu), strict=True)
         }
         seeds = _modality_seeds(generator)
         fused_inputs = dict(feats)
@@ -326,7 +326,7 @@ class IMDer(nn.Module):
             out.loss_score = out.loss_score.index_add(0, rows, loss_score)
             out.loss_rec = out.loss_rec.index_add(0, rows, loss_rec)
         if observed_only and self.training:
-            self._observed_losses(out, feats, mask, generator, (full, where))
+            self._observed_losses(out, feats, mask, mask_cpu, generator, (full, where))
         out.pred, _ = self.fusion(fused_inputs)
         return out
 
@@ -335,6 +335,7 @@ class IMDer(nn.Module):
         out: IMDerOutput,
         feats: dict[str, Tensor],
         mask: Tensor,
+        mask_cpu: Tensor,
         generator: torch.Generator | None,
         positions: tuple[int, Tensor],
     ) -> None:
@@ -347,10 +348,8 @@ class IMDer(nn.Module):
             return
         seeds = _modality_seeds(generator)
         full, where = positions
-        observed = mask.cpu()
         for k, m in enumerate(MODALITIES):
-            others = [j for j in range(len(MODALITIES)) if j != k]
-            rows = (observed[:, k] & observed[:, others].any(dim=1)).nonzero().squeeze(1)
+            rows = observed_rows(mask_cpu, k)
             if rows.numel() == 0:
                 continue
             rows = rows.to(mask.device)
@@ -483,6 +482,13 @@ def observed_inputs(inputs: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor
         m: torch.where(mask[:, k, None, None], inputs[m], inputs[m].new_zeros(()))
         for k, m in enumerate(MODALITIES)
     }
+
+
+def observed_rows(mask: Tensor, k: int) -> Tensor:
+    """(n,) the rows of `mask` (B, 3) that have modality k and at least one other: where
+    `observed_only` learns k's recovery, conditioned on those others."""
+    others = [j for j in range(mask.shape[1]) if j != k]
+    return (mask[:, k] & mask[:, others].any(dim=1)).nonzero().squeeze(1)
 
 
 def _mse(pred: Tensor, truth: Tensor) -> Tensor:

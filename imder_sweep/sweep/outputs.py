@@ -106,8 +106,7 @@ def _figures(
             for arm in comparisons.arms(plan)
         }
         name = METRIC_NAMES[ROBUSTNESS_METRIC]
-        test = plan.get("test_protocol")
-        level = "MR" if test is None else f"{test['kind']} {test['parameter']}"
+        level = tables.test_level_name(plan.get("test_protocol"))
         title = f"Test {name} (%), trained at each study, tested at each {level} (mean over seeds)"
         out[f"figures/robustness_{ROBUSTNESS_METRIC}.png"] = _png(
             robustness_figure(matrices, ROBUSTNESS_METRIC, title, f"test {level}")

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 from imder_sweep.data import METADATA_FILE, DataError, source_kind, storage
 from imder_sweep.sweep.experiment import ExperimentDir
 from imder_sweep.sweep.space import Levels, Search, Space
+from imder_sweep.sweep.tables import test_level_name
 from imder_sweep.sweep.validation import validated_space
 from imder_sweep.tracking import resolve_tracking_uri
 from imder_sweep.train.config import ConfigError, load_yaml
@@ -362,8 +363,7 @@ def _comparison_lines(space: Space) -> list[str]:
         ]
     if space.test_mrs:
         mrs = ", ".join(f"{mr:g}" for mr in space.test_mrs)
-        test = space.test_protocol
-        at = "MR" if test is None else f"{test['kind']} {test['parameter']}"
+        at = test_level_name(space.test_protocol)
         lines.append(f"robustness   every final model also tested at {at} {mrs} (no retraining)")
     pick = space.file.final.pick
     if pick != "best":

@@ -57,7 +57,13 @@ from pydantic import (
 
 from imder_sweep.metrics import METRIC_NAMES
 from imder_sweep.modalities import SUBSETS, pattern_to_subset, subset_to_pattern
-from imder_sweep.protocols import MAX_MR, PAPER_MAX_MR, check_parameters, protocol_label
+from imder_sweep.protocols import (
+    MAX_MR,
+    PAPER_MAX_MR,
+    REALISED_MEASURE,
+    check_parameters,
+    protocol_label,
+)
 from imder_sweep.samplers import SOLVERS
 from imder_sweep.sweep.distributions import Distribution, Strict
 from imder_sweep.train.config import (
@@ -173,8 +179,8 @@ class Levels(Strict):
         return {"kind": self.protocol, "parameter": self.parameter, **fixed}
 
 
-# The parameters a level can range over.
-LEVEL_KEYS: tuple[str, ...] = ("mr", "p", "r_l", "r_a", "r_v", "rate")
+# The parameters a level can range over: those with a realised measure.
+LEVEL_KEYS: tuple[str, ...] = tuple(REALISED_MEASURE)
 
 
 def _levels_or_list(value: Any) -> str:

@@ -116,6 +116,13 @@ def average(rows: list[Row]) -> Row | None:
     return avg
 
 
+def test_level_name(test_protocol: dict[str, Any] | None) -> str:
+    """What the robustness levels are: "MR" (the random protocol), or e.g. "erasure rate"."""
+    if test_protocol is None:
+        return "MR"
+    return f"{test_protocol['kind']} {test_protocol['parameter']}"
+
+
 def level_heading(plan: dict[str, Any]) -> tuple[str, str]:
     """The title and first column of the level studies' table: Table 2's for the MR, else
     the protocol and its parameter (`erasure`, `rate`)."""

@@ -52,6 +52,9 @@ def predict(
     model.eval()
     gen = torch.Generator().manual_seed(eval_generator_seed(seed, split))
     preds, nfe, nfe_rows = [], 0, 0
+    # The simulated truth, for health and export only: under observed_only the model encoded
+    # its missing inputs as 0, so its own features are no truth.
+    simulated = model.recovery_targets == "simulated"
     keys = ("rows", "recovered", "true", "sampled")
     got: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in keys} for m in MODALITIES}
     for start in range(0, len(data), batch_size):
@@ -61,9 +64,6 @@ def predict(
         preds.append(out.pred)
         nfe, nfe_rows = nfe + out.nfe, nfe_rows + out.nfe_rows
         if collect:
-            # The simulated truth, for health and export only: under observed_only the model
-            # encoded its missing inputs as 0, so its own features are no truth.
-            simulated = model.recovery_targets == "simulated"
             true = out.features if simulated else model.encode(inputs)
             for m, rows in out.recovered_rows.items():
                 got[m]["rows"].append((rows + start).cpu())

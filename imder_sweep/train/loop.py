@@ -220,14 +220,14 @@ def fit_stage(
     progress = resume.restore(model, opt, sched, order_gen) if resume else Progress()
     probe = stage_probe(model, splits, cfg, eval_batch_size(tc))
     forward = parallel.wrap(model) if parallel is not None else None
-    train, valid = splits["train"], splits["valid"]
+    valid = splits["valid"]
     realised = {s: realised_mr(splits[s].masks.cpu().numpy()) for s in ("train", "valid")}
-    # A stage resumed from its last epoch's or its early stop's checkpoint (a trial whose
-    # process died after its last report) trains no further epoch.
+    # A stage resumed from its last or early-stop epoch's checkpoint trains no further epoch.
     while not progress.done(epochs, tc.early_stop):
         epoch, t0 = progress.epoch + 1, time.perf_counter()
         train = epoch_train_split(splits["train"], cfg, epoch, stage)
-        realised["train"] = realised_mr(train.masks.cpu().numpy())
+        if train is not splits["train"]:  # a fresh draw: its own realised MR
+            realised["train"] = realised_mr(train.masks.cpu().numpy())
         order = torch.randperm(len(train), generator=order_gen)
         tr = train_epoch(model, opt, train, cfg, order, epoch, forward, parallel)
         t_valid = time.perf_counter()

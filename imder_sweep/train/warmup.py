@@ -29,6 +29,7 @@ from torch import Tensor
 from imder_sweep.losses import sample_time, score_matching_loss
 from imder_sweep.modalities import MODALITIES
 from imder_sweep.model import IMDer
+from imder_sweep.model.imder import observed_inputs, observed_rows
 from imder_sweep.train.config import TrialConfig
 from imder_sweep.train.splits import SplitData
 from imder_sweep.train.state import atomic_torch_save
@@ -133,8 +134,7 @@ def warmup_loss(
         if observed is None:
             cond = model.condition(feats, simulated_mask(k, x0.shape[0], gen, device), m)
         else:
-            others = [j for j in range(len(MODALITIES)) if j != k]
-            rows = (observed[:, k] & observed[:, others].any(dim=1)).nonzero().squeeze(1)
+            rows = observed_rows(observed, k)
             if rows.numel() == 0:
                 continue
             cond = model.condition(feats, observed, m).index_select(0, rows)
@@ -182,10 +182,7 @@ def score_warmup(model: IMDer, train: SplitData, cfg: TrialConfig) -> dict[str, 
             inputs, _, masks = train.batch(order[start : start + tc.batch_size].to(device))
             observed = masks if observed_only else None
             if observed is not None:  # missing values are never read, not even encoded
-                inputs = {
-                    m: torch.where(observed[:, k, None, None], x, x.new_zeros(()))
-                    for k, (m, x) in enumerate(inputs.items())
-                }
+                inputs = observed_inputs(inputs, observed)
             with torch.no_grad():
                 feats = model.encode(inputs)
             loss = warmup_loss(model, feats, gen, observed)
