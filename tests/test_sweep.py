@@ -881,3 +881,16 @@ def test_protocol_studies_plan_validate_and_smoke(tmp_path: Path) -> None:
     raw["fixed"]["protocol"] = {"kind": "random", "resample": "epoch"}
     with pytest.raises(ConfigError, match=r"fixed\.protocol\.kind: studies\.protocol"):
         make_plan(write_space(tmp_path, raw, "bad2.yaml"), tracking=False)
+
+
+def test_recovery_targets_is_a_search_axis(tmp_path: Path) -> None:
+    """`train.recovery_targets` can be searched: both values build a trial config."""
+    raw = demo_raw()
+    raw["space"]["train.recovery_targets"] = {"choice": ["simulated", "observed_only"]}
+    plan = make_plan(write_space(tmp_path, raw), tracking=False)
+    study = plan.space.studies()[0]
+    params = {"model.beta": 0.1, "model.sampler.steps": 3, "model.score_net.width": 0.25}
+    params["model.sde.sigma"] = 10.0
+    for value in ("simulated", "observed_only"):
+        cfg = plan.space.trial_config(study, {**params, "train.recovery_targets": value})
+        assert cfg.train.recovery_targets == value
